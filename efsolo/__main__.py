@@ -1,0 +1,3 @@
+from efsolo.cli import main
+
+main()

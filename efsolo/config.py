@@ -1,0 +1,243 @@
+"""Typed, frozen parameters loaded once from ``params.yaml`` and validated on load.
+
+Every problem is reported as one line naming the key, e.g.
+``params.yaml: freemask.score_threshold must be in [0, 1], got 1.5``.
+"""
+from __future__ import annotations
+
+from efsolo.errors import EfsoloError
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamsError(EfsoloError):
+    """An invalid value, type or key in the params file (one-line message)."""
+
+
+def _check(ok: bool, key: str, msg: str, value: Any) -> None:
+    if not ok:
+        raise ParamsError(f"{key} {msg}, got {value!r}")
+
+
+def _in_unit(key: str, value: float) -> None:
+    _check(0.0 <= value <= 1.0, key, "must be in [0, 1]", value)
+
+
+def _positive(key: str, value: float) -> None:
+    _check(value > 0, key, "must be > 0", value)
+
+
+def _non_negative(key: str, value: float) -> None:
+    _check(value >= 0, key, "must be >= 0", value)
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The embedded demo dataset generated from images shipped with scikit-image."""
+
+    num_train: int = 320
+    num_val: int = 80
+    image_size: int = 160
+    min_objects: int = 2
+    max_objects: int = 6
+
+    def __post_init__(self) -> None:
+        _positive("data.synthetic.num_train", self.num_train)
+        _positive("data.synthetic.num_val", self.num_val)
+        _check(self.image_size >= 32, "data.synthetic.image_size", "must be >= 32", self.image_size)
+        _check(1 <= self.min_objects <= self.max_objects, "data.synthetic.min_objects",
+               "must be >= 1 and <= data.synthetic.max_objects", self.min_objects)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["synthetic", "coco", "folder"] = "synthetic"
+    train_images: tuple[str, ...] = ()
+    val_images: tuple[str, ...] = ()
+    val_annotations: str = ""
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+    def __post_init__(self) -> None:
+        if self.source in ("coco", "folder"):
+            _check(len(self.train_images) > 0, "data.train_images",
+                   f"must name at least one folder when data.source is {self.source}", self.train_images)
+            _check(len(self.val_images) > 0, "data.val_images",
+                   f"must name at least one folder when data.source is {self.source}", self.val_images)
+        if self.source == "coco":
+            _check(bool(self.val_annotations), "data.val_annotations",
+                   "must name a COCO instances json when data.source is coco", self.val_annotations)
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """DenseCL-style self-supervised pretraining (used when backbone.weights is empty)."""
+
+    iters: int = 300
+    batch_size: int = 32
+    crop_size: int = 96
+    lr: float = 0.05
+    weight_decay: float = 1e-4
+    momentum: float = 0.99
+    queue_size: int = 2048
+    temperature: float = 0.2
+    dense_weight: float = 0.5
+    proj_dim: int = 128
+    log_every: int = 10
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        _non_negative("backbone.pretrain.iters", self.iters)
+        _check(self.batch_size >= 2, "backbone.pretrain.batch_size", "must be >= 2", self.batch_size)
+        _check(self.crop_size >= 32, "backbone.pretrain.crop_size", "must be >= 32", self.crop_size)
+        _positive("backbone.pretrain.lr", self.lr)
+        _non_negative("backbone.pretrain.weight_decay", self.weight_decay)
+        _check(0.0 <= self.momentum < 1.0, "backbone.pretrain.momentum", "must be in [0, 1)", self.momentum)
+        _check(self.queue_size >= self.batch_size, "backbone.pretrain.queue_size",
+               "must be >= backbone.pretrain.batch_size", self.queue_size)
+        _positive("backbone.pretrain.temperature", self.temperature)
+        _in_unit("backbone.pretrain.dense_weight", self.dense_weight)
+        _positive("backbone.pretrain.proj_dim", self.proj_dim)
+        _positive("backbone.pretrain.log_every", self.log_every)
+        _positive("backbone.pretrain.checkpoint_every", self.checkpoint_every)
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    weights: str = ""
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+
+
+@dataclass(frozen=True)
+class FreeMaskParams:
+    """Free Mask (method reference, section 1); every threshold is a parameter."""
+
+    short_side: int = 800
+    max_side: int = 1333
+    feature_stride: Literal[8, 16, 32] = 32
+    query_scales: tuple[float, ...] = (1.0, 0.5, 0.25)
+    mask_threshold: float = 0.5
+    min_pixels: int = 1
+    nms: Literal["matrix", "fast"] = "matrix"
+    nms_sigma: float = 2.0
+    fast_nms_iou: float = 0.5
+    keep_top: int = 20
+    score_threshold: float = 0.7
+    max_box_width: float = 0.95
+    top_exclude: float = 0.2
+    embed_dim: int = 128
+    embed_method: Literal["linear", "random"] = "linear"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.short_side >= 32, "freemask.short_side", "must be >= 32", self.short_side)
+        _check(self.max_side >= self.short_side, "freemask.max_side", "must be >= freemask.short_side",
+               self.max_side)
+        _check(len(self.query_scales) > 0 and all(0 < s <= 1 for s in self.query_scales),
+               "freemask.query_scales", "must be a non-empty list of factors in (0, 1]", self.query_scales)
+        _in_unit("freemask.mask_threshold", self.mask_threshold)
+        _non_negative("freemask.min_pixels", self.min_pixels)
+        _positive("freemask.nms_sigma", self.nms_sigma)
+        _in_unit("freemask.fast_nms_iou", self.fast_nms_iou)
+        _positive("freemask.keep_top", self.keep_top)
+        _in_unit("freemask.score_threshold", self.score_threshold)
+        _in_unit("freemask.max_box_width", self.max_box_width)
+        _in_unit("freemask.top_exclude", self.top_exclude)
+        _positive("freemask.embed_dim", self.embed_dim)
+        _positive("freemask.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataParams = field(default_factory=DataParams)
+    backbone: BackboneParams = field(default_factory=BackboneParams)
+    freemask: FreeMaskParams = field(default_factory=FreeMaskParams)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` or raise a one-line ParamsError."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        _check(isinstance(value, dict), key, "must be a mapping", value)
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        _check(value in allowed, key, f"must be one of {list(allowed)}", value)
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if value is None or value == "":
+            return ()
+        if isinstance(value, (str, int, float)):
+            value = [value]  # a single folder is a list of one
+        _check(isinstance(value, list), key, "must be a list", value)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union type for {key}")
+    if tp is bool:
+        _check(isinstance(value, bool), key, "must be true or false", value)
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        _check(isinstance(value, str), key, "must be a string", value)
+        return value
+    raise TypeError(f"unsupported type {tp!r} for {key}")
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(f"unknown key {prefix}{unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    kwargs = {name: _coerce(raw[name], hints[name], prefix + name) for name in names if name in raw}
+    return cls(**kwargs)
+
+
+def params_from_dict(raw: dict) -> Params:
+    """Build validated Params from a plain dict (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"top level must be a mapping, got {type(raw).__name__}")
+    return _build(Params, raw)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; errors are one line naming the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    try:
+        return params_from_dict(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def to_dict(params: Any) -> dict:
+    """Plain nested dict of a params dataclass (tuples become lists)."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else conv(v)) for k, v in dataclasses.asdict(params).items()}

@@ -1,0 +1,13 @@
+"""DVC stage `evaluate@<model>`: class-agnostic COCO evaluation of one model (efsolo.pipeline.evaluate)."""
+import sys
+
+from efsolo.errors import EfsoloError
+from efsolo.pipeline import evaluate
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python stages/evaluate.py MODEL PREDICTIONS")
+    try:
+        evaluate(sys.argv[1], sys.argv[2])
+    except EfsoloError as err:
+        sys.exit(f"error: {err}")
