@@ -52,9 +52,10 @@ def evaluate(model: str = typer.Option(..., help="Model name: metrics/<model>.js
 
 
 @app.command()
-def table() -> None:
-    """Print the results table of every model in metrics/."""
-    _run(pipeline.table)
+def table(readme: Optional[str] = typer.Option(None, help="Also write the table into this README, "
+                                                           "between its results markers.")) -> None:
+    """Print the results table (percent) of every model in metrics/."""
+    _run(lambda: pipeline.update_readme(readme) if readme else pipeline.table())
 
 
 def main() -> None:

@@ -121,6 +121,7 @@ class FreeMaskParams:
 
     short_side: int = 800
     max_side: int = 1333
+    feature_level: Literal["c3", "c4", "c5"] = "c5"
     feature_stride: Literal[8, 16, 32] = 32
     query_scales: tuple[float, ...] = (1.0, 0.5, 0.25)
     mask_threshold: float = 0.5
@@ -129,6 +130,7 @@ class FreeMaskParams:
     nms_sigma: float = 2.0
     fast_nms_iou: float = 0.5
     keep_top: int = 20
+    pre_nms_top: int = 0
     score_threshold: float = 0.7
     max_box_width: float = 0.95
     top_exclude: float = 0.2
@@ -147,6 +149,7 @@ class FreeMaskParams:
         _positive("freemask.nms_sigma", self.nms_sigma)
         _in_unit("freemask.fast_nms_iou", self.fast_nms_iou)
         _positive("freemask.keep_top", self.keep_top)
+        _non_negative("freemask.pre_nms_top", self.pre_nms_top)
         _in_unit("freemask.score_threshold", self.score_threshold)
         _in_unit("freemask.max_box_width", self.max_box_width)
         _in_unit("freemask.top_exclude", self.top_exclude)

@@ -38,10 +38,11 @@ class FreeMaskResult:
 
 def free_mask(features: torch.Tensor, query_scales: tuple[float, ...] = (1.0, 0.5, 0.25),
               mask_threshold: float = 0.5, min_pixels: int = 1, nms: str = "matrix", nms_sigma: float = 2.0,
-              fast_nms_iou: float = 0.5, keep_top: int = 20) -> FreeMaskResult:
+              fast_nms_iou: float = 0.5, keep_top: int = 20, pre_nms_top: int = 0) -> FreeMaskResult:
     """Free Mask on a batch of feature maps.
 
     features: (B, C, H, W). Queries: the map resized by each scale (bilinear), N_q in total.
+    Only the ``pre_nms_top`` best by maskness enter NMS (0 = all N_q; NMS cost grows as N_q^2).
     Returns the ``keep_top`` (at most N_q) best masks per image; a mask with at most
     ``min_pixels`` pixels scores 0. B = 0 gives empty tensors.
     """
@@ -61,7 +62,9 @@ def free_mask(features: torch.Tensor, query_scales: tuple[float, ...] = (1.0, 0.
     maskness = (scores_map * masks).sum(dim=2) / area.clamp_min(1)
     maskness = torch.where(area > min_pixels, maskness, torch.zeros_like(maskness))
     order = maskness.argsort(dim=1, descending=True)
-    sorted_masks = torch.gather(masks, 1, order.unsqueeze(-1).expand_as(masks))
+    if 0 < pre_nms_top < order.shape[1]:
+        order = order[:, :pre_nms_top]
+    sorted_masks = torch.gather(masks, 1, order.unsqueeze(-1).expand(-1, -1, h * w))
     sorted_scores = torch.gather(maskness, 1, order)
     if nms == "matrix":
         decayed = matrix_nms(sorted_masks, sorted_scores, sigma=nms_sigma)
@@ -153,9 +156,10 @@ def _load(batch: tuple[tuple[int, int], list[dict]]) -> tuple[tuple[int, int], l
 
 
 @torch.inference_mode()
-def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, desc: str, *, short_side: int,
+def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, desc: str, *, feature_level: str,
+                short_side: int,
                 max_side: int, query_scales: tuple[float, ...], mask_threshold: float, min_pixels: int, nms: str,
-                nms_sigma: float, fast_nms_iou: float, keep_top: int, score_threshold: float,
+                nms_sigma: float, fast_nms_iou: float, keep_top: int, pre_nms_top: int, score_threshold: float,
                 max_box_width: float, top_exclude: float, embed_dim: int, embed_method: str, batch_size: int,
                 seed: int) -> tuple[dict, np.ndarray, list[dict]]:
     """Free Mask pseudo-labels for a list of manifest records.
@@ -174,9 +178,9 @@ def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, d
                 continue
             x = normalise(imgs, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                feats = trunk(x.contiguous(memory_format=torch.channels_last) if use_amp else x)["c5"]
+                feats = trunk(x.contiguous(memory_format=torch.channels_last) if use_amp else x)[feature_level]
             res = free_mask(feats.float(), query_scales, mask_threshold, min_pixels, nms, nms_sigma, fast_nms_iou,
-                            keep_top)
+                            keep_top, pre_nms_top)
             for i, r in enumerate(recs):
                 images.append({"id": r["id"], "file_name": r["file_name"], "width": r["width"],
                                "height": r["height"]})
@@ -217,7 +221,8 @@ def run(train_manifest: str | Path, val_manifest: str | Path, backbone: str | Pa
     trunk = load_backbone(backbone, output_stride=feature_stride).to(device).eval()
     if device.type == "cuda":
         trunk = trunk.to(memory_format=torch.channels_last)
-    stats: dict = {"feature_stride": feature_stride, "device": device.type}
+    stats: dict = {"feature_level": options["feature_level"], "feature_stride": feature_stride,
+                   "device": device.type}
     for split, manifest in (("train", train_manifest), ("val", val_manifest)):
         t0 = time.time()
         records = load_manifest(manifest)

@@ -5,7 +5,9 @@ params to code. The paths here are the ones ``dvc.yaml`` declares.
 """
 from __future__ import annotations
 
+import resource
 import sys
+import time
 from functools import wraps
 from pathlib import Path
 from typing import Callable
@@ -66,10 +68,11 @@ def freemask(p: Params) -> dict:
 
     f = p.freemask
     return free_mask.run(TRAIN_MANIFEST, VAL_MANIFEST, BACKBONE, FREEMASK_DIR, device=resolve_device(p.device),
-                         feature_stride=f.feature_stride, seed=p.seed, short_side=f.short_side,
+                         feature_stride=f.feature_stride, feature_level=f.feature_level, seed=p.seed,
+                         short_side=f.short_side,
                          max_side=f.max_side, query_scales=f.query_scales, mask_threshold=f.mask_threshold,
                          min_pixels=f.min_pixels, nms=f.nms, nms_sigma=f.nms_sigma, fast_nms_iou=f.fast_nms_iou,
-                         keep_top=f.keep_top, score_threshold=f.score_threshold, max_box_width=f.max_box_width,
+                         keep_top=f.keep_top, pre_nms_top=f.pre_nms_top, score_threshold=f.score_threshold, max_box_width=f.max_box_width,
                          top_exclude=f.top_exclude, embed_dim=f.embed_dim, embed_method=f.embed_method,
                          batch_size=f.batch_size)
 
@@ -84,19 +87,41 @@ def evaluate(model: str, predictions: str | Path | None = None) -> dict:
     return ev.run(VAL_GT, predictions, METRICS_DIR / f"{model}.json", METRICS_DIR / "pr" / model)
 
 
+README_START = "<!-- results:start -->"
+README_END = "<!-- results:end -->"
+
+
 def table(models: list[str] | None = None) -> str:
+    """The results table (percent) of every model in metrics/, as Markdown."""
     from efsolo.evaluate import results_table
 
     df = results_table(METRICS_DIR, models)
-    return "(no metrics yet)" if df.empty else df.to_markdown(index=False) if _has_tabulate() else df.to_string(index=False)
+    if df.empty:
+        return "(no metrics yet: run `dvc repro`)"
+    header = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns)
+    rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([header, *rows])
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401  (pandas' to_markdown needs it; dvc ships it)
-    except ImportError:
-        return False
-    return True
+def update_readme(readme: str | Path = "README.md") -> str:
+    """Replace the text between the results markers of ``readme`` with the current table."""
+    from efsolo import atomic
+
+    path = Path(readme)
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        raise EfsoloError(f"{path}: no {README_START} ... {README_END} markers to write the results between")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    body = table()
+    atomic.write_text(path, f"{head}{README_START}\n{body}\n{README_END}{tail}")
+    return body
+
+
+def report_stage(name: str, t0: float) -> None:
+    """Print a stage's wall time since ``t0`` and the process's peak resident memory."""
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"stage {name}: {time.perf_counter() - t0:.1f} s wall, peak RSS {peak_mib:.0f} MiB")
 
 
 def entry_point(stage: Callable[[Params], object]) -> Callable[[str], None]:
@@ -104,10 +129,12 @@ def entry_point(stage: Callable[[Params], object]) -> Callable[[str], None]:
 
     @wraps(stage)
     def main(params_path: str = "params.yaml") -> None:
+        t0 = time.perf_counter()
         try:
             stage(load_params(params_path))
         except EfsoloError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
+        report_stage(stage.__name__, t0)
 
     return main

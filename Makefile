@@ -1,0 +1,30 @@
+# make setup: create .venv if missing and install efsolo with its dependencies (idempotent)
+# make demo:  setup, then the whole DVC pipeline on the embedded demo data, then the results table
+#             (printed, and written into README.md between its results markers)
+# make test:  setup, then the test suite
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+VENV ?= .venv
+PYTHON ?= python3
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.efsolo-installed
+
+$(VENV)/.efsolo-installed: pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q -e '.[test]' 2>&1 | sed '/^WARNING: Location/d'
+	$(VENV)/bin/python -c "import efsolo, torch, torchvision, dvc, dvclive, cv2, pycocotools, skimage, pandas, typer"
+	@touch $@
+
+demo: setup
+	dvc repro
+	efsolo table --readme README.md
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf data/prepared models pseudo dvclive checkpoints metrics/*.json metrics/pr

@@ -1,0 +1,108 @@
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from efsolo.coco_format import decode_mask, mask_annotation
+from efsolo.datasets import DataError, run
+from efsolo.synthetic import NUM_KINDS, make_scene
+
+
+def _write_images(folder, n, size=(20, 30)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def test_synthetic_is_deterministic_and_valid():
+    a, b = make_scene(0, "val", 3, 96, 2, 6), make_scene(0, "val", 3, 96, 2, 6)
+    assert np.array_equal(a.image, b.image) and a.kinds == b.kinds
+    assert not np.array_equal(a.image, make_scene(1, "val", 3, 96, 2, 6).image)
+    kinds = set()
+    for i in range(40):
+        s = make_scene(0, "train", i, 96, 2, 6)
+        assert 1 <= len(s.masks) <= 6
+        union = np.zeros((96, 96), int)
+        for m in s.masks:
+            assert m.sum() >= 16
+            union += m
+        assert union.max() <= 1  # visible masks do not overlap
+        kinds.update(s.kinds)
+    assert len(kinds) >= 8 and max(kinds) < NUM_KINDS
+
+
+def test_synthetic_run_writes_manifests_and_gt(tmp_path):
+    report = run(tmp_path, "synthetic", seed=0, num_train=4, num_val=3, image_size=64)
+    assert report["train_images"] == 4 and report["val_images"] == 3 and report["skipped"] == []
+    manifest = json.loads((tmp_path / "train.json").read_text())
+    rec = manifest["images"][0]
+    assert set(rec) == {"id", "file_name", "width", "height", "sha256"} and len(rec["sha256"]) == 64
+    gt = json.loads((tmp_path / "val_gt.json").read_text())
+    assert gt["categories"] == [{"id": 1, "name": "object", "supercategory": "object"}]
+    ann = gt["annotations"][0]
+    x, y, w, h = ann["bbox"]
+    m = decode_mask(ann["segmentation"])
+    ys, xs = np.nonzero(m)
+    assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+    assert (tmp_path / "train_gt.json").exists()
+
+
+def _coco(tmp_path):
+    val = tmp_path / "val2017"
+    _write_images(val, 3)
+    (val / "3.png").write_bytes(b"garbage")  # corrupt
+    m = np.zeros((20, 30), bool)
+    m[2:8, 3:9] = True
+    images = [{"id": 10 + i, "file_name": f"{i}.png", "width": 30, "height": 20} for i in range(4)]
+    images.append({"id": 99, "file_name": "missing.png", "width": 30, "height": 20})
+    anns = [{**mask_annotation(m, 1, 10), "category_id": 18}, {**mask_annotation(m, 2, 13), "category_id": 3},
+            {**mask_annotation(m, 3, 11), "category_id": 3, "iscrowd": 1}]
+    cats = [{"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
+    (tmp_path / "instances_val.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                             "categories": cats}))
+    _write_images(tmp_path / "train_a", 2)
+    _write_images(tmp_path / "train_b", 2)
+    return val
+
+
+def test_coco_source_is_class_agnostic_and_skips_bad_images(tmp_path):
+    val = _coco(tmp_path)
+    out = tmp_path / "out"
+    report = run(out, "coco", seed=0, train_images=(str(tmp_path / "train_a"), str(tmp_path / "train_b")),
+                 val_images=(str(val),), val_annotations=str(tmp_path / "instances_val.json"))
+    assert report["train_images"] == 4 and report["val_images"] == 3
+    skipped = {s["file"].split("/")[-1]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"3.png", "missing.png"} and "not a readable image" in skipped["3.png"]
+    gt = json.loads((out / "val_gt.json").read_text())
+    assert [c["id"] for c in gt["categories"]] == [1]
+    assert {a["category_id"] for a in gt["annotations"]} == {1}
+    assert sorted(a["id"] for a in gt["annotations"]) == [1, 3]  # image 13 was corrupt
+    assert [a["iscrowd"] for a in sorted(gt["annotations"], key=lambda a: a["id"])] == [0, 1]
+    manifest = json.loads((out / "val.json").read_text())
+    assert [r["id"] for r in manifest["images"]] == [10, 11, 12]
+
+
+def test_missing_paths_and_empty_sets_stop_with_one_line(tmp_path):
+    with pytest.raises(DataError, match="nowhere: no such folder"):
+        run(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "nowhere"),), val_images=("x",))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        run(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "empty"),), val_images=("x",))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.jpg").write_bytes(b"nope")
+    with pytest.raises(DataError, match="no readable images"):
+        run(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "bad"),), val_images=("x",))
+    _write_images(tmp_path / "imgs", 2)
+    with pytest.raises(Exception, match="ann.json: no such file"):
+        run(tmp_path / "o", "coco", seed=0, train_images=(str(tmp_path / "imgs"),),
+            val_images=(str(tmp_path / "imgs"),), val_annotations=str(tmp_path / "ann.json"))
+
+
+def test_folder_source_has_no_ground_truth(tmp_path):
+    _write_images(tmp_path / "mine", 3)
+    run(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "mine"),),
+        val_images=(str(tmp_path / "mine"),))
+    gt = json.loads((tmp_path / "o" / "val_gt.json").read_text())
+    assert gt["info"]["has_ground_truth"] is False and gt["annotations"] == [] and len(gt["images"]) == 3

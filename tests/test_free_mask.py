@@ -1,0 +1,69 @@
+import pytest
+import numpy as np
+import torch
+
+from efsolo.free_mask import free_mask, masks_to_image, reduce_embedding
+
+
+def _two_region_features():
+    """(1, 2, 4, 4): left half points along e0, right half along e1."""
+    f = torch.zeros(1, 2, 4, 4)
+    f[0, 0, :, :2] = 1.0
+    f[0, 1, :, 2:] = 1.0
+    return f
+
+
+def test_free_mask_finds_the_two_regions():
+    res = free_mask(_two_region_features(), query_scales=(1.0,), keep_top=20)
+    assert res.soft.shape[:2] == res.scores.shape == (1, 16)
+    # Every query is one of two orthogonal directions: two distinct masks with maskness 1;
+    # the other 14 are exact duplicates and Matrix NMS decays them to exp(-2) of their score.
+    top = res.scores[0]
+    assert torch.allclose(top[:2], torch.ones(2))
+    assert torch.allclose(top[2:], torch.full((14,), float(np.exp(-2.0))), atol=1e-5)
+    masks = {tuple((res.soft[0, i] >= 0.5).flatten().int().tolist()) for i in range(2)}
+    left = tuple([1, 1, 0, 0] * 4)
+    right = tuple([0, 0, 1, 1] * 4)
+    assert masks == {left, right}
+    # the query vector of each mask is its region's feature
+    q = res.queries[0, :2]
+    assert {tuple(v.tolist()) for v in q} == {(1.0, 0.0), (0.0, 1.0)}
+
+
+def test_free_mask_multi_scale_query_count_and_fast_nms():
+    f = torch.randn(2, 8, 8, 8)
+    res = free_mask(f, query_scales=(1.0, 0.5, 0.25), keep_top=1000, nms="fast")
+    assert res.scores.shape == (2, 64 + 16 + 4)
+
+
+def test_min_pixels_zeroes_tiny_masks():
+    f = torch.zeros(1, 2, 2, 2)
+    f[0, 0] = 1.0
+    f[0, 1, 0, 0] = 5.0  # one odd pixel
+    f[0, 0, 0, 0] = 0.0
+    res = free_mask(f, query_scales=(1.0,), min_pixels=1, keep_top=4)
+    # the single-pixel mask of the odd query scores 0
+    odd = [i for i in range(4) if (res.soft[0, i] >= 0.5).sum() == 1]
+    assert all(res.scores[0, i] == 0 for i in odd)
+
+
+def test_masks_to_image_filters():
+    soft = torch.zeros(3, 4, 4)
+    soft[0, 2:, 1:3] = 1.0  # bottom centre: kept
+    soft[1, 0, 1:3] = 1.0  # centre in the top 20%: dropped
+    soft[2, 2:, :] = 1.0  # full width: dropped
+    scores = torch.tensor([0.9, 0.9, 0.9])
+    masks, kept, slots = masks_to_image(soft, scores, 8, 8, 0.7, 0.95, 0.2)
+    assert slots == [0] and kept == pytest.approx([0.9])
+    assert masks[0].shape == (8, 8) and masks[0][4:, 2:6].all() and masks[0].sum() == 16
+    assert masks_to_image(soft, torch.tensor([0.5, 0.5, 0.5]), 8, 8, 0.7, 0.95, 0.2) == ([], [], [])
+
+
+def test_reduce_embedding():
+    q = torch.arange(16.0).view(2, 8)
+    lin = reduce_embedding(q, 4, "linear")
+    assert lin.shape == (2, 4)
+    assert torch.allclose(lin[0], torch.tensor([0.5, 2.5, 4.5, 6.5]))
+    r1, r2 = reduce_embedding(q, 4, "random", seed=3), reduce_embedding(q, 4, "random", seed=3)
+    assert torch.equal(r1, r2)
+    assert reduce_embedding(torch.zeros(0, 8), 4).shape == (0, 4)

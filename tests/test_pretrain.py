@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from efsolo import datasets, pretrain, resume
+
+
+def test_densecl_loss_matches_formula():
+    d, k, t = 4, 3, 0.5
+    g = torch.eye(d)[:2]  # two unit queries, keys equal to queries
+    queue = torch.zeros(d, k)
+    queue[3] = 1.0  # negatives orthogonal to both queries
+    f = torch.zeros(2, 2, 1, 2)
+    f[:, 0, 0, 0], f[:, 1, 0, 1] = 1.0, 1.0  # position 0 matches 0, 1 matches 1
+    dense = torch.zeros(2, d, 1, 2)
+    dense[:, 0, 0, 0], dense[:, 1, 0, 1] = 1.0, 1.0
+    total, lg, ld = pretrain.densecl_loss(g, g, dense, dense, f, f, queue, queue, t, 0.5)
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + k))  # positive 1/t, negatives 0
+    assert lg.item() == pytest.approx(expected, rel=1e-5)
+    assert ld.item() == pytest.approx(expected, rel=1e-5)
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dense_correspondence_uses_backbone_similarity():
+    d = 4
+    g = torch.eye(d)[:1]
+    queue = F.normalize(torch.ones(d, 2), dim=0)
+    dq = torch.zeros(1, d, 1, 2)
+    dq[0, 0, 0, 0], dq[0, 1, 0, 1] = 1.0, 1.0
+    dk = dq.flip(-1)  # key dense vectors swapped ...
+    fq = torch.zeros(1, 2, 1, 2)
+    fq[0, 0, 0, 0], fq[0, 1, 0, 1] = 1.0, 1.0
+    fk = fq.flip(-1)  # ... and so are the backbone features: correspondence undoes the swap
+    _, _, matched = pretrain.densecl_loss(g, g, dq, dk, fq, fk, queue, queue, 0.2, 0.5)
+    _, _, unmatched = pretrain.densecl_loss(g, g, dq, dk, fq, fq, queue, queue, 0.2, 0.5)
+    assert matched.item() < unmatched.item()
+
+
+def _tiny_run(tmp, ckpt, **kw):
+    return pretrain.run(tmp / "data" / "train.json", tmp / f"{ckpt}.pt", tmp / ckpt, tmp / f"live_{ckpt}",
+                        arch="resnet18", seed=0, iters=4, batch_size=2, crop_size=32, lr=0.05,
+                        weight_decay=1e-4, momentum=0.9, queue_size=4, temperature=0.2, dense_weight=0.5,
+                        proj_dim=8, log_every=1, checkpoint_every=2, device=torch.device("cpu"), **kw)
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch):
+    datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=4, num_val=1, image_size=48)
+    _tiny_run(tmp_path, "straight")
+    straight = torch.load(tmp_path / "straight.pt", weights_only=True)["state_dict"]
+
+    saved = resume.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        saved(*args, **kwargs)
+        raise KeyboardInterrupt  # killed right after the checkpoint at iteration 2
+
+    monkeypatch.setattr(resume, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tmp_path, "resumed")
+    monkeypatch.setattr(resume, "save_checkpoint", saved)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["step"] == 2
+    _tiny_run(tmp_path, "resumed")
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_zero_iterations_writes_seeded_random_init(tmp_path):
+    datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=2, num_val=1, image_size=48)
+    for name in ("a", "b"):
+        pretrain.run(tmp_path / "data" / "train.json", tmp_path / f"{name}.pt", tmp_path / name, tmp_path / "live",
+                     arch="resnet18", seed=0, iters=0, batch_size=2, crop_size=32, lr=0.05, weight_decay=0,
+                     momentum=0.9, queue_size=4, temperature=0.2, dense_weight=0.5, proj_dim=8, log_every=1,
+                     checkpoint_every=1, device=torch.device("cpu"))
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a["source"].startswith("random-init")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
