@@ -26,22 +26,29 @@ def _run(fn, *args) -> None:  # noqa: ANN001
         typer.echo(result)
 
 
-@app.command()
-def data(params: str = PARAMS) -> None:
-    """Prepare the training and validation sets (manifests, class-agnostic ground truth)."""
-    _run(lambda: pipeline.data(load_params(params)))
+STAGES = {
+    "data": (pipeline.data, "Prepare the training and validation sets (manifests, class-agnostic ground truth)."),
+    "backbone": (pipeline.backbone, "Convert a DenseCL checkpoint, or pretrain a backbone self-supervised."),
+    "freemask": (pipeline.freemask, "Free Mask pseudo-labels and embeddings for the train and val images."),
+    "freesolo": (pipeline.freesolo, "FreeSOLO self-training on the Free Mask pseudo-labels, then val predictions "
+                                    "(use torchrun for DDP)."),
+    "exemplars": (pipeline.exemplars, "GrabCut exemplar crops from randomly chosen training images."),
+    "refine": (pipeline.refine, "Refine the exemplar crops with the trained FreeSOLO: the exemplar objects."),
+    "pool": (pipeline.pool, "Embed the exemplar objects with the backbone (the EEC's exemplar pool)."),
+    "exemplar-freesolo": (pipeline.exemplar_freesolo, "Exemplar-FreeSOLO training (FreeSOLO + lambda_eec * "
+                                                      "L_eec), then val predictions."),
+}
 
 
-@app.command()
-def backbone(params: str = PARAMS) -> None:
-    """Convert a DenseCL checkpoint, or pretrain a backbone self-supervised, to models/backbone.pt."""
-    _run(lambda: pipeline.backbone(load_params(params)))
+def _stage_command(stage):  # noqa: ANN001, ANN202
+    def command(params: str = PARAMS) -> None:
+        _run(lambda: stage(load_params(params)))
+
+    return command
 
 
-@app.command()
-def freemask(params: str = PARAMS) -> None:
-    """Free Mask pseudo-labels and embeddings for the train and val images."""
-    _run(lambda: pipeline.freemask(load_params(params)))
+for _name, (_stage, _help) in STAGES.items():
+    app.command(_name, help=_help)(_stage_command(_stage))
 
 
 @app.command()

@@ -158,12 +158,131 @@ class FreeMaskParams:
 
 
 @dataclass(frozen=True)
+class FreeSOLOParams:
+    """FreeSOLO self-training (method reference, sections 2-4). Defaults are the paper's."""
+
+    fpn_channels: int = 256
+    head_channels: int = 512
+    head_convs: int = 4
+    mask_channels: int = 128
+    kernel_dim: int = 256
+    grids: tuple[int, ...] = (40, 36, 24, 16, 12)
+    scale_ranges: tuple[tuple[float, float], ...] = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+    freeze_at: int = 2
+    train_short_sides: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+    max_side: int = 1333
+    iters: int = 30000
+    batch_size: int = 8
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.01
+    clip_grad_norm: float = 35.0
+    gamma: float = 0.1
+    mu: float = 0.4
+    pairwise_weight: float = 1.0
+    pairwise_colour_threshold: float = 0.3
+    pairwise_dilation: int = 2
+    pairwise_warmup: int = 1000
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    centre_sigma: float = 0.2
+    copy_paste_prob: float = 0.5
+    rounds: int = 1
+    relabel_score: float = 0.3
+    relabel_max: int = 20
+    log_every: int = 20
+    checkpoint_every: int = 500
+    test_short_side: int = 800
+    test_max_side: int = 1333
+    test_score_threshold: float = 0.1
+    test_mask_threshold: float = 0.5
+    test_nms_pre: int = 500
+    test_update_threshold: float = 0.05
+    test_max_per_image: int = 100
+    test_nms_sigma: float = 2.0
+
+    def __post_init__(self) -> None:
+        k = "freesolo."
+        for name in ("fpn_channels", "head_channels", "head_convs", "mask_channels", "kernel_dim", "max_side", "iters",
+                     "batch_size", "lr", "log_every", "checkpoint_every", "test_short_side", "test_max_side",
+                     "test_nms_pre", "test_max_per_image", "test_nms_sigma", "rounds", "relabel_max",
+                     "pairwise_dilation"):
+            _positive(k + name, getattr(self, name))
+        _check(len(self.grids) == 5 and all(g > 0 for g in self.grids), k + "grids",
+               "must be 5 positive grid sizes (levels of stride 8, 8, 16, 32, 32)", self.grids)
+        _check(len(self.scale_ranges) == 5 and all(0 <= lo < hi for lo, hi in self.scale_ranges), k + "scale_ranges",
+               "must be 5 [low, high] pairs with low < high", self.scale_ranges)
+        _check(0 <= self.freeze_at <= 5, k + "freeze_at", "must be 0 (train all) to 5 (trunk fixed)", self.freeze_at)
+        _check(len(self.train_short_sides) > 0 and all(s >= 32 for s in self.train_short_sides),
+               k + "train_short_sides", "must be a non-empty list of sizes >= 32", self.train_short_sides)
+        for name in ("momentum", "warmup_factor", "pairwise_colour_threshold", "focal_alpha", "centre_sigma",
+                     "copy_paste_prob", "relabel_score", "test_score_threshold", "test_mask_threshold",
+                     "test_update_threshold"):
+            _in_unit(k + name, getattr(self, name))
+        for name in ("weight_decay", "warmup_iters", "clip_grad_norm", "gamma", "mu", "pairwise_weight", "pairwise_warmup",
+                     "focal_gamma"):
+            _non_negative(k + name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class ExemplarParams:
+    """Exemplar knowledge abstraction (paper section 3.3)."""
+
+    num_images: int = 80
+    grabcut_rect_margin: float = 0.05
+    grabcut_iterations: int = 5
+    crop_margin: float = 0.1
+    refine_min_overlap: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive("exemplar.num_images", self.num_images)
+        _check(0 <= self.grabcut_rect_margin < 0.5, "exemplar.grabcut_rect_margin", "must be in [0, 0.5)",
+               self.grabcut_rect_margin)
+        _positive("exemplar.grabcut_iterations", self.grabcut_iterations)
+        _non_negative("exemplar.crop_margin", self.crop_margin)
+        _in_unit("exemplar.refine_min_overlap", self.refine_min_overlap)
+
+
+@dataclass(frozen=True)
+class EECParams:
+    """Exemplar embedding contrastive module (paper section 3.4); paper defaults."""
+
+    weight: float = 1.3
+    alpha: float = 0.8
+    beta: float = 0.3
+    tau: float = 0.02
+    granularity: Literal["image", "instance"] = "image"
+    max_instances: int = 5
+    feature_level: Literal["c3", "c4", "c5"] = "c5"
+    upsample: int = 2
+    pool_refresh: int = 0
+    exemplar_short_side: int = 800
+    exemplar_max_side: int = 1333
+
+    def __post_init__(self) -> None:
+        _non_negative("eec.weight", self.weight)
+        _check(-1 <= self.beta < self.alpha <= 1, "eec.alpha",
+               f"must be greater than eec.beta ({self.beta}) and both in [-1, 1]", self.alpha)
+        _positive("eec.tau", self.tau)
+        _positive("eec.max_instances", self.max_instances)
+        _positive("eec.upsample", self.upsample)
+        _non_negative("eec.pool_refresh", self.pool_refresh)
+        _positive("eec.exemplar_short_side", self.exemplar_short_side)
+        _positive("eec.exemplar_max_side", self.exemplar_max_side)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataParams = field(default_factory=DataParams)
     backbone: BackboneParams = field(default_factory=BackboneParams)
     freemask: FreeMaskParams = field(default_factory=FreeMaskParams)
+    freesolo: FreeSOLOParams = field(default_factory=FreeSOLOParams)
+    exemplar: ExemplarParams = field(default_factory=ExemplarParams)
+    eec: EECParams = field(default_factory=EECParams)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -178,6 +297,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         allowed = typing.get_args(tp)
         _check(value in allowed, key, f"must be one of {list(allowed)}", value)
         return value
+    if origin is tuple and typing.get_args(tp)[-1] is not Ellipsis:  # fixed length, e.g. [low, high]
+        args = typing.get_args(tp)
+        _check(isinstance(value, list) and len(value) == len(args), key, f"must be a list of {len(args)}", value)
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if value is None or value == "":

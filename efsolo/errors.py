@@ -3,3 +3,7 @@
 
 class EfsoloError(ValueError):
     """Bad input or configuration; entry points print ``error: <message>`` and exit 1."""
+
+
+class TrainingError(EfsoloError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""

@@ -12,7 +12,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Callable
 
-from efsolo.config import Params, load_params
+from efsolo.config import Params, load_params, to_dict
 from efsolo.errors import EfsoloError
 
 DATA_DIR = Path("data/prepared")
@@ -23,10 +23,19 @@ BACKBONE = Path("models/backbone.pt")
 BACKBONE_CKPT_DIR = Path("checkpoints/backbone")
 BACKBONE_LIVE_DIR = Path("dvclive/backbone")
 FREEMASK_DIR = Path("pseudo/freemask")
+FREESOLO_MODEL = Path("models/freesolo.pt")
+FREESOLO_WORK_DIR = Path("checkpoints/freesolo")
+FREESOLO_LIVE_DIR = Path("dvclive/freesolo")
+EXEMPLAR_DIR = Path("exemplars")
+POOL = EXEMPLAR_DIR / "pool.pt"
+EFS_MODEL = Path("models/exemplar_freesolo.pt")
+EFS_WORK_DIR = Path("checkpoints/exemplar_freesolo")
+EFS_LIVE_DIR = Path("dvclive/exemplar_freesolo")
 METRICS_DIR = Path("metrics")
 
 # model name -> its validation predictions (the ``evaluate`` foreach in dvc.yaml)
-PREDICTIONS = {"freemask": FREEMASK_DIR / "val.json"}
+PREDICTIONS = {"freemask": FREEMASK_DIR / "val.json", "freesolo": Path("predictions/freesolo/val.json"),
+               "exemplar_freesolo": Path("predictions/exemplar_freesolo/val.json")}
 
 
 def data(p: Params) -> dict:
@@ -75,6 +84,108 @@ def freemask(p: Params) -> dict:
                          keep_top=f.keep_top, pre_nms_top=f.pre_nms_top, score_threshold=f.score_threshold, max_box_width=f.max_box_width,
                          top_exclude=f.top_exclude, embed_dim=f.embed_dim, embed_method=f.embed_method,
                          batch_size=f.batch_size)
+
+
+def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
+    """The network and training settings of ``freesolo`` as plain keyword arguments of ``train.train``."""
+    import numpy as np
+
+    from efsolo.solo_model import SOLOArch
+    from efsolo.train import LossSettings
+
+    f = p.freesolo
+    with np.load(embeddings) as z:
+        embed_dim = int(z["embeddings"].shape[1])
+    arch = SOLOArch(arch=p.backbone.arch, fpn_channels=f.fpn_channels, head_channels=f.head_channels,
+                    head_convs=f.head_convs, mask_channels=f.mask_channels, kernel_dim=f.kernel_dim,
+                    embed_dim=embed_dim, grids=f.grids, freeze_at=f.freeze_at)
+    losses = LossSettings(gamma=f.gamma, mu=f.mu, pairwise_weight=f.pairwise_weight,
+                          pairwise_colour_threshold=f.pairwise_colour_threshold,
+                          pairwise_dilation=f.pairwise_dilation, pairwise_warmup=f.pairwise_warmup,
+                          focal_alpha=f.focal_alpha, focal_gamma=f.focal_gamma, centre_sigma=f.centre_sigma)
+    return dict(backbone=BACKBONE, arch=arch, seed=p.seed, iters=f.iters, batch_size=f.batch_size, lr=f.lr,
+                momentum=f.momentum, weight_decay=f.weight_decay, warmup_iters=f.warmup_iters,
+                warmup_factor=f.warmup_factor, clip_grad_norm=f.clip_grad_norm, train_short_sides=f.train_short_sides, max_side=f.max_side,
+                losses=losses, scale_ranges=f.scale_ranges, copy_paste_prob=f.copy_paste_prob,
+                log_every=f.log_every, checkpoint_every=f.checkpoint_every)
+
+
+def test_settings(p: Params):
+    from efsolo.inference import TestSettings
+
+    f = p.freesolo
+    return TestSettings(score_threshold=f.test_score_threshold, mask_threshold=f.test_mask_threshold,
+                        nms_pre=f.test_nms_pre, update_threshold=f.test_update_threshold,
+                        max_per_image=f.test_max_per_image, nms_sigma=f.test_nms_sigma)
+
+
+def freesolo(p: Params) -> dict:
+    from efsolo import freesolo as fs
+    from efsolo.backbone import resolve_device
+
+    f = p.freesolo
+    embeddings = FREEMASK_DIR / "train_embeddings.npz"
+    return fs.run(labels=FREEMASK_DIR / "train.json", embeddings=embeddings, val_manifest=VAL_MANIFEST,
+                  train_manifest=TRAIN_MANIFEST, model_path=FREESOLO_MODEL, predictions_path=PREDICTIONS["freesolo"],
+                  stats_path=METRICS_DIR / "train" / "freesolo.json", work_dir=FREESOLO_WORK_DIR, live_dir=FREESOLO_LIVE_DIR, rounds=f.rounds,
+                  relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=test_settings(p),
+                  test_short_side=f.test_short_side, test_max_side=f.test_max_side, device=resolve_device(p.device),
+                  **solo_training_kwargs(p, embeddings))
+
+
+def exemplars(p: Params) -> dict:
+    from efsolo.exemplars import run_crops
+
+    e = p.exemplar
+    return run_crops(TRAIN_MANIFEST, EXEMPLAR_DIR, num_images=e.num_images, seed=p.seed,
+                     rect_margin=e.grabcut_rect_margin, iterations=e.grabcut_iterations, crop_margin=e.crop_margin)
+
+
+def refine(p: Params) -> dict:
+    from efsolo.backbone import resolve_device
+    from efsolo.exemplars import run_refine
+
+    f = p.freesolo
+    return run_refine(EXEMPLAR_DIR / "crops.json", FREESOLO_MODEL, EXEMPLAR_DIR, short_side=f.test_short_side,
+                      max_side=f.test_max_side, test=test_settings(p), min_overlap=p.exemplar.refine_min_overlap,
+                      device=resolve_device(p.device))
+
+
+def pool(p: Params) -> dict:
+    from efsolo.backbone import resolve_device
+    from efsolo.eec import run_pool
+
+    e = p.eec
+    return run_pool(EXEMPLAR_DIR / "pool.json", BACKBONE, POOL, feature_level=e.feature_level, upsample=e.upsample,
+                    short_side=e.exemplar_short_side, max_side=e.exemplar_max_side, device=resolve_device(p.device))
+
+
+def exemplar_freesolo(p: Params) -> dict:
+    """FreeSOLO training plus lambda_eec * L_eec, then predictions on val."""
+    from efsolo import freesolo as fs
+    from efsolo.backbone import resolve_device, feature_channels
+    from efsolo.eec import EECModule, load_objects, load_pool, make_eec_loss
+    from efsolo.resume import file_digest
+
+    f, e, m = p.freesolo, p.eec, p.freemask
+    pool_blob = load_pool(POOL)
+    options = dict(query_scales=m.query_scales, mask_threshold=m.mask_threshold, min_pixels=m.min_pixels,
+                   nms=m.nms, nms_sigma=m.nms_sigma, fast_nms_iou=m.fast_nms_iou, pre_nms_top=m.pre_nms_top)
+    extra_loss = make_eec_loss(pool_blob, e.alpha, e.beta, e.tau, e.weight, e.granularity, e.max_instances, p.seed,
+                               options, e.pool_refresh,
+                               load_objects(EXEMPLAR_DIR / "pool.json") if e.pool_refresh else None)
+    channels = feature_channels(p.backbone.arch)[e.feature_level]
+    embeddings = FREEMASK_DIR / "train_embeddings.npz"
+    kwargs = solo_training_kwargs(p, embeddings)
+    return fs.run(labels=FREEMASK_DIR / "train.json", embeddings=embeddings, val_manifest=VAL_MANIFEST,
+                  train_manifest=TRAIN_MANIFEST, model_path=EFS_MODEL,
+                  predictions_path=PREDICTIONS["exemplar_freesolo"],
+                  stats_path=METRICS_DIR / "train" / "exemplar_freesolo.json", work_dir=EFS_WORK_DIR,
+                  live_dir=EFS_LIVE_DIR, rounds=1, relabel_score=f.relabel_score, relabel_max=f.relabel_max,
+                  test=test_settings(p), test_short_side=f.test_short_side, test_max_side=f.test_max_side,
+                  device=resolve_device(p.device), extra_modules={"eec": EECModule(channels, e.upsample)},
+                  extra_loss=extra_loss, fingerprint_extra={"eec": to_dict(e), "pool": file_digest(POOL),
+                                                            "freemask_ops": options}, **kwargs)
 
 
 def evaluate(model: str, predictions: str | Path | None = None) -> dict:

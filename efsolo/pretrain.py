@@ -22,6 +22,7 @@ from tqdm import tqdm
 from efsolo import resume
 from efsolo.backbone import ResNetTrunk, save_backbone
 from efsolo.datasets import load_manifest
+from efsolo.errors import TrainingError
 from efsolo.images import IMAGENET_MEAN, IMAGENET_STD, read_image
 
 
@@ -162,7 +163,7 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
         loss, loss_g, loss_d = densecl_loss(g_q.float(), g_k.float(), d_q.float(), d_k.float(), f_q.float(),
                                             f_k.float(), queue_g, queue_d, temperature, dense_weight)
         if not torch.isfinite(loss):
-            raise RuntimeError(f"pretraining loss is {loss.item()} at iteration {step}; the last good checkpoint "
+            raise TrainingError(f"pretraining loss is {loss.item()} at iteration {step}; the last good checkpoint "
                                f"is kept in {ckpt_path}")
         opt.zero_grad(set_to_none=True)
         loss.backward()

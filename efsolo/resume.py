@@ -29,6 +29,13 @@ def fingerprint(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (an input of a fingerprint)."""
+    from efsolo.images import file_sha256
+
+    return file_sha256(path)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():

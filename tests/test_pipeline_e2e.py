@@ -20,6 +20,12 @@ OVERRIDES = {
                  "pretrain": {"iters": 3, "batch_size": 4, "crop_size": 48, "queue_size": 16, "log_every": 1,
                               "checkpoint_every": 2}},
     "freemask": {"short_side": 64, "max_side": 64, "score_threshold": 0.5},
+    "freesolo": {"fpn_channels": 16, "head_channels": 16, "head_convs": 1, "mask_channels": 16, "kernel_dim": 8,
+                 "grids": [8, 6, 4, 3, 2], "train_short_sides": [64], "max_side": 64, "iters": 2, "batch_size": 2,
+                 "warmup_iters": 1, "pairwise_warmup": 1, "log_every": 1, "checkpoint_every": 1,
+                 "test_short_side": 64, "test_max_side": 64, "test_score_threshold": 0.0},
+    "exemplar": {"num_images": 4, "grabcut_iterations": 2, "refine_min_overlap": 0.0},
+    "eec": {"alpha": 0.5, "beta": 0.4, "exemplar_short_side": 64, "exemplar_max_side": 64},
 }
 
 
@@ -41,11 +47,11 @@ def _sh(cwd, *args):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    for item in ("dvc.yaml", "stages", "efsolo", ".dvcignore", "pyproject.toml"):
+    for item in ("dvc.yaml", "stages", "efsolo", ".dvcignore", "pyproject.toml", "README.md"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
     (root / "params.yaml").write_text(yaml.safe_dump(TINY))
-    (root / ".gitignore").write_text("/data/prepared\n/models\n/pseudo\n/dvclive\n/checkpoints\n__pycache__/\n")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
     _sh(root, "git", "init", "-q")
     _sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
     _sh(root, "dvc", "init", "-q")
@@ -61,6 +67,12 @@ def test_repro_produces_metrics_and_is_then_up_to_date(repo):
     assert (repo / "dvclive" / "backbone" / "metrics.json").exists()
     labels = json.loads((repo / "pseudo" / "freemask" / "train.json").read_text())
     assert len(labels["images"]) == 12
+    for model in ("freesolo", "exemplar_freesolo"):
+        m = json.loads((repo / "metrics" / f"{model}.json").read_text())
+        assert 0 <= m["segm"]["AP"] <= 1 and 0 <= m["bbox"]["AR100"] <= 1
+    train_stats = json.loads((repo / "metrics" / "train" / "exemplar_freesolo.json").read_text())
+    assert "eec/frac_pos" in train_stats["round1"]["final"]
+    assert (repo / "exemplars" / "crops_sheet.png").exists() and (repo / "exemplars" / "pool_sheet.png").exists()
     assert "Data and pipelines are up to date" in _sh(repo, "dvc", "status")
     assert "Running stage" not in _sh(repo, "dvc", "repro")
 
@@ -77,11 +89,42 @@ def test_a_param_change_reruns_only_downstream(repo):
     try:
         status = json.loads(_sh(repo, "dvc", "status", "--json"))
         assert set(status) == {"freemask"}
-        assert _ran(_sh(repo, "dvc", "repro")) == {"freemask", "evaluate@freemask"}
+        ran = _ran(_sh(repo, "dvc", "repro"))
+        assert {"freemask", "evaluate@freemask"} <= ran and not ran & {"data", "backbone"}
     finally:
         params["freemask"]["score_threshold"] = 0.5
         (repo / "params.yaml").write_text(yaml.safe_dump(params))
         _sh(repo, "dvc", "repro")
+
+
+def _changed_after(repo, section: str, key: str, value) -> tuple[set[str], set[str]]:
+    """Stages `dvc status` reports and stages `dvc repro` runs after setting ``section.key``; restored after."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    old = params[section][key]
+    params[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        return set(json.loads(_sh(repo, "dvc", "status", "--json"))), _ran(_sh(repo, "dvc", "repro"))
+    finally:
+        params[section][key] = old
+        (repo / "params.yaml").write_text(yaml.safe_dump(params))
+        _sh(repo, "dvc", "repro")
+
+
+@pytest.mark.e2e
+def test_eec_alpha_reruns_only_exemplar_training_and_its_evaluation(repo):
+    status, ran = _changed_after(repo, "eec", "alpha", 0.6)
+    assert status == {"exemplar_freesolo"}
+    # its evaluation re-runs too whenever the predictions change (DVC skips it if they do not)
+    assert "exemplar_freesolo" in ran and ran <= {"exemplar_freesolo", "evaluate@exemplar_freesolo"}
+
+
+@pytest.mark.e2e
+def test_number_of_exemplars_reruns_the_exemplar_branch_only(repo):
+    status, ran = _changed_after(repo, "exemplar", "num_images", 3)
+    assert status == {"exemplars"}
+    assert {"exemplars", "refine"} <= ran  # new crops: refine re-runs; later stages whenever their inputs change
+    assert ran <= {"exemplars", "refine", "pool", "exemplar_freesolo", "evaluate@exemplar_freesolo"}
 
 
 @pytest.mark.e2e

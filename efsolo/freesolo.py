@@ -1,0 +1,65 @@
+"""The ``freesolo`` stage: self-training on Free Mask pseudo-labels, optional re-labelling rounds,
+and the trained model's predictions on the validation images."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from efsolo import atomic
+from efsolo.coco_format import AGNOSTIC_CATEGORY
+from efsolo.datasets import load_manifest
+from efsolo.free_mask import save_pseudo_labels
+from efsolo.inference import TestSettings, predict_records, write_results
+from efsolo.train import load_model, train
+
+
+def relabel(model_path: Path, records: list[dict], out_dir: Path, test: TestSettings, short_side: int, max_side: int,
+            min_score: float, max_per_image: int, device: torch.device) -> tuple[Path, Path]:
+    """Pseudo-labels from a trained model (score >= ``min_score``, at most ``max_per_image``),
+    with the model's predicted embeddings, in the Free Mask file format."""
+    model = load_model(model_path).to(device)
+    results, embeds, _ = predict_records(model, records, short_side, max_side, test, device, desc="re-labelling")
+    keep, per_image = [], {}
+    for i, r in enumerate(results):
+        if r["score"] >= min_score and per_image.get(r["image_id"], 0) < max_per_image:
+            per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+            keep.append(i)
+    anns = [{**results[i], "id": n + 1, "area": float(results[i]["bbox"][2] * results[i]["bbox"][3]), "iscrowd": 0}
+            for n, i in enumerate(keep)]
+    images = [{k: r[k] for k in ("id", "file_name", "width", "height")} for r in records]
+    dataset = {"info": {"description": f"re-labelled by {model_path}"}, "images": images, "annotations": anns,
+               "categories": [AGNOSTIC_CATEGORY]}
+    save_pseudo_labels(out_dir, "train", dataset, embeds[keep].astype(np.float16))
+    return out_dir / "train.json", out_dir / "train_embeddings.npz"
+
+
+def run(*, labels: Path, embeddings: Path, val_manifest: Path, train_manifest: Path, model_path: Path,
+        predictions_path: Path, stats_path: Path, work_dir: Path, live_dir: Path, rounds: int, relabel_score: float,
+        relabel_max: int, test: TestSettings, test_short_side: int, test_max_side: int, device: torch.device,
+        **train_kwargs) -> dict:
+    """Train ``rounds`` rounds (each on the previous round's labels), then predict on val."""
+    stats: dict = {}
+    for r in range(1, rounds + 1):
+        round_model = model_path if r == rounds else work_dir / f"round{r}.pt"
+        stats[f"round{r}"] = train(labels=labels, embeddings=embeddings, out_path=round_model,
+                                   ckpt_dir=work_dir / f"round{r}", live_dir=live_dir, device=device,
+                                   log_prefix=f"round{r}" if rounds > 1 else "train", **train_kwargs)
+        if r < rounds:
+            labels, embeddings = relabel(round_model, load_manifest(train_manifest), work_dir / f"labels{r + 1}",
+                                         test, test_short_side, test_max_side, relabel_score, relabel_max, device)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 alone predicts and writes
+        return stats
+    t0 = time.time()
+    model = load_model(model_path).to(device)
+    results, _, skipped = predict_records(model, load_manifest(val_manifest), test_short_side, test_max_side, test,
+                                          device, desc="val inference")
+    write_results(predictions_path, results)
+    stats["val_inference"] = {"images": len(load_manifest(val_manifest)), "instances": len(results),
+                              "seconds": round(time.time() - t0, 1), "skipped": skipped}
+    atomic.write_json(stats_path, stats, indent=1)
+    return stats
+

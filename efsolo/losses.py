@@ -1,0 +1,96 @@
+"""FreeSOLO losses (method reference, section 3), each a pure function with an explicit empty case.
+
+L_mask = gamma * L_avg_proj + L_max_proj + L_pairwise;  L_cate = L_focal + mu * L_sem.
+Empty inputs (no positive instance) return a zero that still carries a gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return like.sum() * 0.0
+
+
+def dice_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """D(x, y) = 1 - 2 sum(xy) / (sum(x^2) + sum(y^2) + 1e-5) over the last dim. (K, L) -> (K,)."""
+    return 1 - 2 * (x * y).sum(-1) / ((x * x).sum(-1) + (y * y).sum(-1) + 1e-5)
+
+
+def _projection_loss(probs: torch.Tensor, targets: torch.Tensor, project) -> torch.Tensor:  # noqa: ANN001
+    if probs.shape[0] == 0:
+        return _zero(probs)
+    t = targets.float()
+    loss = dice_distance(project(probs, 1), project(t, 1)) + dice_distance(project(probs, 2), project(t, 2))
+    return loss.mean()
+
+
+def max_projection_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice of the max projections onto the x and y axes. probs, targets (K, H, W) -> mean over K."""
+    return _projection_loss(probs, targets, torch.amax)
+
+
+def avg_projection_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Dice of the mean projections onto the x and y axes. probs, targets (K, H, W) -> mean over K."""
+    return _projection_loss(probs, targets, torch.mean)
+
+
+def _neighbours(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, 8, H, W): the 8 neighbours at ``dilation`` of every pixel (zero padded)."""
+    n, c, h, w = x.shape
+    cols = F.unfold(x, kernel_size=3, dilation=dilation, padding=dilation).view(n, c, 9, h, w)
+    return torch.cat([cols[:, :, :4], cols[:, :, 5:]], dim=2)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1] (B, 3, H, W) -> CIE Lab (D65), (B, 3, H, W)."""
+    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    m = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                      [0.019334, 0.119193, 0.950227]], device=rgb.device, dtype=rgb.dtype)
+    xyz = torch.einsum("ij,bjhw->bihw", m, lin)
+    xyz = xyz / torch.tensor([0.950456, 1.0, 1.088754], device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+def colour_similarity(rgb: torch.Tensor, dilation: int = 2) -> torch.Tensor:
+    """exp(-0.5 * ||Lab_i - Lab_j||) between every pixel and its 8 neighbours. (B, 3, H, W) -> (B, 8, H, W)."""
+    lab = rgb_to_lab(rgb)
+    diff = lab.unsqueeze(2) - _neighbours(lab, dilation)
+    return torch.exp(-0.5 * diff.norm(dim=1))
+
+
+def pairwise_loss(logits: torch.Tensor, similarity: torch.Tensor, box_masks: torch.Tensor,
+                  colour_threshold: float = 0.3, dilation: int = 2) -> torch.Tensor:
+    """BoxInst pairwise affinity: -log P(pixel and neighbour take the same label).
+
+    logits (K, H, W) mask logits; similarity (K, 8, H, W) colour similarity of each instance's
+    image; box_masks (K, H, W) 1 inside the instance's pseudo box. Weighted by
+    (similarity >= threshold) x (inside the box), averaged over the weights.
+    """
+    if logits.shape[0] == 0:
+        return _zero(logits)
+    x = logits.unsqueeze(1)
+    log_fg, log_bg = F.logsigmoid(x), F.logsigmoid(-x)
+    nb_fg, nb_bg = _neighbours(log_fg, dilation)[:, 0], _neighbours(log_bg, dilation)[:, 0]
+    log_same = torch.logaddexp(log_fg + nb_fg, log_bg + nb_bg)  # (K, 8, H, W)
+    weights = (similarity >= colour_threshold).float() * box_masks.unsqueeze(1).float()
+    return (-log_same * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss summed and divided by (number of positives + 1). Any shape; targets in {0, 1}."""
+    t = targets.float()
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    a_t = alpha * t + (1 - alpha) * (1 - t)
+    return (a_t * (1 - p_t) ** gamma * ce).sum() / (t.sum() + 1)
+
+
+def semantic_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine(pred, target), averaged over positives. pred, target (K, D)."""
+    if pred.shape[0] == 0:
+        return _zero(pred)
+    return (1 - F.cosine_similarity(pred, target.to(pred.dtype), dim=1)).mean()

@@ -1,0 +1,318 @@
+"""FreeSOLO self-training (and the base of Exemplar-FreeSOLO training).
+
+SGD with linear warm-up; each iteration loads a batch of images with their pseudo-labels,
+makes a weak view (resize, flip) and a strong view (colour, grayscale, blur, erasing,
+copy-paste) on the training device, and minimises L_mask + L_cate over both views, plus an
+optional extra term (the EEC loss). CUDA when present (bf16 autocast, channels_last), CPU
+otherwise; several processes with ``torchrun`` (DDP; DVCLive and checkpoints on rank 0).
+Checkpoints every N iterations make a killed run resumable with the same result.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from efsolo import resume
+from efsolo.backbone import load_backbone
+from efsolo.errors import EfsoloError, TrainingError
+from efsolo.losses import (avg_projection_loss, colour_similarity, focal_loss, max_projection_loss, pairwise_loss,
+                           semantic_loss)
+from efsolo.inference import normalise
+from efsolo.pseudo_labels import Batch, PseudoLabelSet, make_batch
+from efsolo.solo_model import SOLO, SOLOArch, SOLOOutput, dynamic_masks
+from efsolo.targets import assign_cells
+from efsolo.views import copy_paste, strong_view
+
+MODEL_FORMAT = "efsolo-solo-v1"
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    gamma: float = 0.1  # average projection weight
+    mu: float = 0.4  # semantic embedding weight
+    pairwise_weight: float = 1.0
+    pairwise_colour_threshold: float = 0.3
+    pairwise_dilation: int = 2
+    pairwise_warmup: int = 1000
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    centre_sigma: float = 0.2
+
+
+def _global_count(x: torch.Tensor) -> torch.Tensor:
+    """A count summed over DDP processes, times the number of processes (DDP averages gradients),
+    so that per-process losses normalised by it give the single-process gradient."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        return x / dist.get_world_size()
+    return x
+
+
+def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor], embeds: list[torch.Tensor],
+                grids: tuple[int, ...], scale_ranges: tuple[tuple[float, float], ...], ls: LossSettings,
+                step: int) -> dict[str, torch.Tensor]:
+    """FreeSOLO losses of one batch of views.
+
+    out: network outputs for B views; images (B, 3, H, W) RGB in [0, 1]; masks[b] (N_b, H, W)
+    bool and embeds[b] (N_b, D) the pseudo-labels of view b. Returns the named terms and
+    ``total`` = gamma * avg_proj + max_proj + warm-up * pairwise + focal + mu * sem. Under DDP
+    the normalisers (positives, pairwise weights) are summed over processes, as detection
+    frameworks do, so the gradients equal those of one process holding the whole batch.
+    """
+    b = images.shape[0]
+    fh, fw = out.mask_feat.shape[-2:]
+    sim = colour_similarity(F.avg_pool2d(images.float(), 4)[..., :fh, :fw], ls.pairwise_dilation)  # (B, 8, h, w)
+    cate_logits, cate_targets = [], []
+    logits, targets, boxes, sims, pred_emb, tgt_emb = [], [], [], [], [], []
+    for i in range(b):
+        cells = assign_cells(masks[i], grids, scale_ranges, ls.centre_sigma)
+        if masks[i].shape[0]:
+            m4 = F.interpolate(masks[i].unsqueeze(0).float(), size=(fh, fw), mode="bilinear",
+                               align_corners=False)[0] >= 0.5
+        for level, idx in enumerate(cells):
+            cate_logits.append(out.cates[level][i].flatten())
+            cate_targets.append((idx >= 0).float())
+            pos = torch.nonzero(idx >= 0).flatten()
+            if pos.numel() == 0:
+                continue
+            inst = idx[pos]
+            kernels = out.kernels[level][i].flatten(1)[:, pos].T
+            logits.append(dynamic_masks(kernels.float(), out.mask_feat[i].float()))
+            t = m4[inst]
+            targets.append(t)
+            rows, cols = t.any(2), t.any(1)  # (K, h), (K, w): the pseudo mask's box at stride 4
+            ys = torch.arange(fh, device=t.device)
+            xs = torch.arange(fw, device=t.device)
+            y0 = torch.where(rows, ys, fh).amin(1)
+            y1 = torch.where(rows, ys, -1).amax(1)
+            x0 = torch.where(cols, xs, fw).amin(1)
+            x1 = torch.where(cols, xs, -1).amax(1)
+            boxes.append((ys.view(1, -1, 1) >= y0.view(-1, 1, 1)) & (ys.view(1, -1, 1) <= y1.view(-1, 1, 1)) &
+                         (xs.view(1, 1, -1) >= x0.view(-1, 1, 1)) & (xs.view(1, 1, -1) <= x1.view(-1, 1, 1)))
+            sims.append(sim[i].unsqueeze(0).expand(len(pos), -1, -1, -1))
+            pred_emb.append(out.embeds[level][i].flatten(1)[:, pos].T.float())
+            tgt_emb.append(embeds[i][inst])
+    ref = out.mask_feat
+    n_local = torch.tensor(float(sum(t.shape[0] for t in targets)), device=ref.device)
+    if logits:
+        lg, tg = torch.cat(logits), torch.cat(targets)
+        probs = torch.sigmoid(lg)
+        box = torch.cat(boxes)
+        sim_all = torch.cat(sims)
+        w_local = ((sim_all >= ls.pairwise_colour_threshold).float() * box.unsqueeze(1).float()).sum()
+        # the pure losses are means; scale them back to sums and normalise by the global counts
+        n_global = _global_count(n_local).clamp_min(1.0)
+        w_global = _global_count(w_local.detach()).clamp_min(1.0)
+        l_max = max_projection_loss(probs, tg) * n_local / n_global
+        l_avg = avg_projection_loss(probs, tg) * n_local / n_global
+        l_pair = pairwise_loss(lg, sim_all, box, ls.pairwise_colour_threshold,
+                               ls.pairwise_dilation) * w_local.clamp_min(1.0) / w_global
+        l_sem = semantic_loss(torch.cat(pred_emb), torch.cat(tgt_emb)) * n_local / n_global
+    else:
+        _global_count(n_local), _global_count(n_local)  # keep the collective calls matched across processes
+        l_max = l_avg = l_pair = l_sem = ref.sum() * 0.0
+    cate_t = torch.cat(cate_targets)
+    l_focal = focal_loss(torch.cat(cate_logits).float(), cate_t, ls.focal_alpha, ls.focal_gamma) * \
+        (cate_t.sum() + 1) / (_global_count(cate_t.sum()) + 1)
+    warm = min(1.0, (step + 1) / max(1, ls.pairwise_warmup))
+    l_mask = ls.gamma * l_avg + l_max + ls.pairwise_weight * warm * l_pair
+    l_cate = l_focal + ls.mu * l_sem
+    return {"total": l_mask + l_cate, "mask": l_mask, "max_proj": l_max, "avg_proj": l_avg, "pairwise": l_pair,
+            "cate": l_cate, "focal": l_focal, "sem": l_sem, "positives": n_local}
+
+
+def build_model(arch: SOLOArch, backbone: str | Path) -> SOLO:
+    """A SOLO network whose trunk is initialised from ``models/backbone.pt``."""
+    model = SOLO(arch)
+    trunk = load_backbone(backbone)
+    if trunk.arch != arch.arch:
+        raise TrainingError(f"{backbone}: backbone is {trunk.arch}, the network wants {arch.arch}")
+    model.trunk.load_state_dict(trunk.state_dict())
+    return model
+
+
+def save_model(path: str | Path, model: SOLO, meta: dict) -> None:
+    from efsolo import atomic
+
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("extra.")}
+    atomic.torch_save({"format": MODEL_FORMAT, "arch": asdict(model.arch), "state_dict": sd, "meta": meta}, path)
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SOLO:
+    """Load a trained model file (weights only; never executes code from the file)."""
+
+    path = Path(path)
+    if not path.is_file():
+        raise EfsoloError(f"{path}: no such model file")
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise EfsoloError(f"{path}: not an efsolo model file")
+    a = blob["arch"]
+    model = SOLO(SOLOArch(**{**a, "grids": tuple(a["grids"])}))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+def _dist() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _lr_at(step: int, base: float, warmup_iters: int, warmup_factor: float) -> float:
+    if step >= warmup_iters:
+        return base
+    alpha = step / max(1, warmup_iters)
+    return base * (warmup_factor * (1 - alpha) + alpha)
+
+
+# extra_loss(model, out, images, masks, step, rows, total): rows (B,) are the global indices of
+# this process's views among the ``total`` views of the global batch
+ExtraLoss = Callable[..., dict[str, torch.Tensor]]
+
+
+class _TrainStep(torch.nn.Module):
+    """The network's forward and the extra term in one forward, so that DDP sees every parameter
+    the loss uses (the EEC projection included) and synchronises its gradients."""
+
+    def __init__(self, model: SOLO, extra_loss: ExtraLoss | None) -> None:
+        super().__init__()
+        self.model = model
+        self.extra_loss = extra_loss
+
+    def forward(self, x: torch.Tensor, images: torch.Tensor, masks: list[torch.Tensor], step: int,
+                rows: torch.Tensor, total: int) -> tuple[SOLOOutput, dict[str, torch.Tensor]]:
+        out = self.model(x)
+        extra = (self.extra_loss(self.model, out, images, masks, step, rows, total)
+                 if self.extra_loss is not None else {})
+        return out, extra
+
+
+def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | Path, out_path: str | Path,
+          ckpt_dir: str | Path, live_dir: str | Path, arch: SOLOArch, seed: int, iters: int, batch_size: int,
+          lr: float, momentum: float, weight_decay: float, warmup_iters: int, warmup_factor: float, clip_grad_norm: float,
+          train_short_sides: tuple[int, ...], max_side: int, losses: LossSettings,
+          scale_ranges: tuple[tuple[float, float], ...], copy_paste_prob: float, log_every: int,
+          checkpoint_every: int, device: torch.device, label_min_score: float = 0.0, label_max_per_image: int = 100,
+          extra_modules: dict[str, torch.nn.Module] | None = None, extra_loss: ExtraLoss | None = None,
+          fingerprint_extra: dict | None = None, log_prefix: str = "train") -> dict:
+    """Train a SOLO network on pseudo-labels and write ``out_path``.
+
+    ``extra_modules`` are trained alongside the network (e.g. the EEC projection) and passed,
+    as ``model.extra``, to ``extra_loss(model, out, images, masks, step, rows, total)``, whose
+    ``total`` is added to the loss and whose other entries are logged.
+    """
+    rank, world, local = _dist()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    resume.seed_everything(seed)
+    data = PseudoLabelSet(labels, embeddings, label_min_score, label_max_per_image)
+    if len(data) == 0:
+        raise TrainingError(f"{labels}: no images to train on")
+    model = build_model(arch, backbone)
+    model.extra = torch.nn.ModuleDict(extra_modules or {})
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    fp = resume.fingerprint(arch=asdict(arch), seed=seed, iters=iters, batch_size=batch_size, lr=lr,
+                            momentum=momentum, weight_decay=weight_decay, warmup=(warmup_iters, warmup_factor), clip=clip_grad_norm,
+                            sides=train_short_sides, max_side=max_side, losses=asdict(losses), ranges=scale_ranges,
+                            copy_paste=copy_paste_prob, world=world, labels=resume.file_digest(labels),
+                            backbone=resume.file_digest(backbone), extra=fingerprint_extra or {})
+    g_cpu = torch.Generator().manual_seed(seed)
+    g_dev = torch.Generator(device=device).manual_seed(seed + 1)
+    ckpt_path = Path(ckpt_dir) / "last.pt"
+    start = 0
+    if (ck := resume.load_checkpoint(ckpt_path, fp)) is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        g_cpu.set_state(ck["g_cpu"])
+        g_dev.set_state(ck["g_dev"])
+        resume.set_rng_state(ck["rng"])
+        start = ck["step"]
+        if rank == 0:
+            print(f"resuming training from iteration {start} ({ckpt_path})")
+    net: torch.nn.Module = _TrainStep(model, extra_loss)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    live = resume.make_live(live_dir, resume=start > 0) if rank == 0 else None
+    use_amp = device.type == "cuda"
+    model.train()
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    logs: dict[str, torch.Tensor] = {}
+    t0, seen = time.time(), 0
+    bar = tqdm(range(start, iters), desc=log_prefix, initial=start, total=iters, disable=None if rank == 0 else True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, lr, warmup_iters, warmup_factor)
+        idx = torch.randint(len(data), (batch_size,), generator=g_cpu)
+        flips = (torch.rand(batch_size, generator=g_cpu) < 0.5).tolist()
+        side = train_short_sides[int(torch.randint(len(train_short_sides), (1,), generator=g_cpu))]
+        mine = list(range(rank, batch_size, world))  # this process's share of the global batch
+        batch: Batch = make_batch([data.load(int(idx[i])) for i in mine], side, max_side,
+                                  [flips[i] for i in mine]).to(device)
+        strong = strong_view(batch.images, g_dev, batch_size, torch.tensor(mine))
+        strong, s_masks, s_embeds = copy_paste(strong, batch.masks, batch.embeds, g_dev, copy_paste_prob)
+        images = torch.cat([batch.images, strong])
+        masks, embeds = batch.masks + s_masks, batch.embeds + s_embeds
+        x = normalise(images)
+        if use_amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            view_rows = torch.tensor(mine + [batch_size + i for i in mine])  # weak views, then strong
+            out, extra = net(x, images, masks, step, view_rows, 2 * batch_size)
+        terms = solo_losses(out, images, masks, embeds, arch.grids, scale_ranges, losses, step)
+        loss = terms["total"]
+        if extra:
+            loss = loss + extra.pop("total")
+            terms.update({f"eec/{k}": v for k, v in extra.items()})
+        bad |= ~torch.isfinite(loss.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        opt.step()
+        seen += batch_size
+        logs = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items() if k != "total"}}
+        at_log = (step + 1) % log_every == 0 or step + 1 == iters
+        at_ckpt = (step + 1) % checkpoint_every == 0 or step + 1 == iters
+        if at_log or at_ckpt:
+            if bool(bad):
+                raise TrainingError(f"{log_prefix}: non-finite loss before iteration {step + 1}; stopped, the last "
+                                    f"good checkpoint is kept in {ckpt_path}")
+        if at_log and live is not None:
+            live.step = step + 1
+            for k, v in logs.items():
+                live.log_metric(f"{log_prefix}/{k}", float(v))
+            live.log_metric(f"{log_prefix}/lr", opt.param_groups[0]["lr"])
+            live.next_step()
+            bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+        if at_ckpt and rank == 0:
+            resume.save_checkpoint(ckpt_path, fp, step + 1, {
+                "model": model.state_dict(), "opt": opt.state_dict(), "g_cpu": g_cpu.get_state(),
+                "g_dev": g_dev.get_state()})
+    seconds = time.time() - t0
+    stats = {"iters": iters, "seconds": round(seconds, 1), "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
+             "final": {k: round(float(v), 4) for k, v in logs.items()}}
+    if device.type == "cuda":
+        stats["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    if rank == 0:
+        if live is not None:
+            live.end()
+        save_model(out_path, model, {"fingerprint": fp, **stats})
+    if world > 1:
+        dist.barrier()
+    return stats

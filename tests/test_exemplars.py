@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+
+from efsolo import datasets
+from efsolo.exemplars import choose_mask, contact_sheet, grabcut_crop, run_crops
+
+
+def _one_object(h=80, w=100):
+    rng = np.random.default_rng(0)
+    img = (rng.normal(110, 6, (h, w, 3))).clip(0, 255).astype(np.uint8)  # grey noisy background
+    img[30:60, 40:75] = (220, 40, 40)  # one red object
+    return img
+
+
+def test_grabcut_crop_finds_the_object():
+    crop, coarse, box = grabcut_crop(_one_object(), rect_margin=0.05, iterations=5, crop_margin=0.0)
+    x, y, w, h = box
+    assert abs(x - 40) <= 2 and abs(y - 30) <= 2 and abs(w - 35) <= 3 and abs(h - 30) <= 3
+    assert crop.shape[:2] == coarse.shape == (h, w)
+    assert coarse.mean() > 0.8
+
+
+def test_grabcut_without_foreground_returns_none():
+    assert grabcut_crop(np.full((40, 40, 3), 128, np.uint8)) is None
+
+
+def test_choose_mask_rule():
+    coarse = np.zeros((10, 10), bool)
+    coarse[2:8, 2:8] = True
+    inside = np.zeros((10, 10), bool)
+    inside[3:6, 3:6] = True
+    outside = np.zeros((10, 10), bool)
+    outside[0:2, :] = True
+    half = np.zeros((10, 10), bool)
+    half[2:8, 5:10] = True  # 18 of 30 pixels inside (0.6)
+    masks = np.stack([outside, inside, half])
+    assert choose_mask(masks, np.array([0.9, 0.5, 0.7]), coarse, 0.5) == 2  # best score among those inside
+    assert choose_mask(masks, np.array([0.9, 0.5, 0.7]), coarse, 0.7) == 1
+    assert choose_mask(masks[:1], np.array([0.9]), coarse, 0.5) is None
+    assert choose_mask(np.zeros((0, 10, 10), bool), np.zeros(0), coarse, 0.5) is None
+
+
+def test_run_crops_is_seeded_and_lists_what_it_writes(tmp_path):
+    datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=6, num_val=1, image_size=64)
+    a = run_crops(tmp_path / "data" / "train.json", tmp_path / "a", num_images=4, seed=3, rect_margin=0.05,
+                  iterations=3, crop_margin=0.1)
+    run_crops(tmp_path / "data" / "train.json", tmp_path / "b", num_images=4, seed=3, rect_margin=0.05,
+              iterations=3, crop_margin=0.1)
+    ja, jb = (json.loads((tmp_path / d / "crops.json").read_text()) for d in "ab")
+    assert [c["image_id"] for c in ja["crops"]] == [c["image_id"] for c in jb["crops"]]
+    assert a["crops"] + a["skipped"] == 4 and (tmp_path / "a" / "crops_sheet.png").exists()
+    assert contact_sheet([np.zeros((5, 9, 3), np.uint8)] * 3, tile=16, columns=2).shape == (32, 32, 3)

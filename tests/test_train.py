@@ -1,0 +1,147 @@
+"""Training: resume-after-interrupt equivalence, 2-process DDP (gloo) vs one process, non-finite stop."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from efsolo import datasets, resume
+from efsolo.backbone import ResNetTrunk, save_backbone
+from efsolo.solo_model import SOLOArch
+from efsolo.targets import DEFAULT_SCALE_RANGES
+from efsolo.train import LossSettings, TrainingError, load_model, train
+
+ARCH = SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16, kernel_dim=8,
+                embed_dim=4, grids=(8, 6, 4, 3, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    datasets.run(root / "data", "synthetic", seed=0, num_train=4, num_val=1, image_size=64)
+    gt = json.loads((root / "data" / "train_gt.json").read_text())
+    for a in gt["annotations"]:
+        a["score"] = 1.0
+    (root / "labels.json").write_text(json.dumps(gt))
+    ids = np.array([a["id"] for a in gt["annotations"]])
+    np.savez(root / "emb.npz", ann_ids=ids, embeddings=np.random.default_rng(0).normal(size=(len(ids), 4)))
+    torch.manual_seed(0)
+    save_backbone(root / "backbone.pt", "resnet18", ResNetTrunk("resnet18").state_dict(), "test")
+    return root
+
+
+def _kwargs(root, name, **over):
+    kw = dict(labels=root / "labels.json", embeddings=root / "emb.npz", backbone=root / "backbone.pt",
+              out_path=root / f"{name}.pt", ckpt_dir=root / name, live_dir=root / f"live_{name}", arch=ARCH, seed=0,
+              iters=4, batch_size=2, lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_iters=2, warmup_factor=0.1, clip_grad_norm=35.0,
+              train_short_sides=(64,), max_side=64, losses=LossSettings(pairwise_warmup=2),
+              scale_ranges=DEFAULT_SCALE_RANGES, copy_paste_prob=0.5, log_every=1, checkpoint_every=2,
+              device=torch.device("cpu"))
+    kw.update(over)
+    return kw
+
+
+def _weights(path):
+    return load_model(path).state_dict()
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tiny, monkeypatch):
+    stats = train(**_kwargs(tiny, "straight"))
+    assert stats["iters"] == 4 and np.isfinite(stats["final"]["loss"])
+    saved = resume.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        saved(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resume, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(**_kwargs(tiny, "resumed"))
+    monkeypatch.setattr(resume, "save_checkpoint", saved)
+    train(**_kwargs(tiny, "resumed"))
+    a, b = _weights(tiny / "straight.pt"), _weights(tiny / "resumed.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tiny / "live_straight" / "metrics.json").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch):
+    import efsolo.train as tr
+
+    real = tr.solo_losses
+
+    def poisoned(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        if args[-1] >= 2:  # from iteration 3 on
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(tr, "solo_losses", poisoned)
+    with pytest.raises(TrainingError, match="non-finite loss before iteration 3"):
+        train(**_kwargs(tiny, "nan", log_every=1))
+    ck = torch.load(tiny / "nan" / "last.pt", weights_only=False)
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def _eec_kwargs():
+    from efsolo.eec import EECModule, make_eec_loss
+
+    pool = {"feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64,
+            "pooled_queries": torch.randn(6, 512, generator=torch.Generator().manual_seed(0))}
+    loss = make_eec_loss(pool, alpha=-0.5, beta=0.5, tau=0.1, weight=1.0, granularity="image", max_instances=1,
+                         seed=0, free_mask_options={"query_scales": (0.5,)})
+    return {"extra_modules": {"eec": EECModule(512, 2)}, "extra_loss": loss}
+
+
+def _ddp_worker(rank, port, root, out, with_eec=False):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    extra = _eec_kwargs() if with_eec else {}
+    train(**_kwargs(root, out, iters=2, copy_paste_prob=0.0, checkpoint_every=100), **extra)
+    torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_single_process(tiny):
+    train(**_kwargs(tiny, "single", iters=2, copy_paste_prob=0.0, checkpoint_every=100))
+    mp.spawn(_ddp_worker, args=(_free_port(), tiny, "ddp"), nprocs=2, join=True)
+    train(**_kwargs(tiny, "zero_lr", iters=1, lr=1e-12, copy_paste_prob=0.0, checkpoint_every=100))
+    init = _weights(tiny / "zero_lr.pt")  # the same initial weights, (practically) untrained
+    single, ddp = _weights(tiny / "single.pt"), _weights(tiny / "ddp.pt")
+    trained = [k for k in single if single[k].is_floating_point() and not torch.equal(single[k], init[k])]
+    assert trained
+    moved = sum((single[k] - init[k]).norm() ** 2 for k in trained) ** 0.5
+    diff = sum((single[k] - ddp[k]).norm() ** 2 for k in trained) ** 0.5
+    print(f"DDP vs one process: {diff:.4g}; moved by training: {moved:.4g}")
+    assert diff < 0.02 * moved, f"DDP differs from one process by {diff:.3g}; training moved the weights {moved:.3g}"
+
+
+def test_two_process_ddp_with_the_eec_term(tiny):
+    """The EEC projection is used by the loss: DDP must synchronise its gradients too."""
+    stats = train(**_kwargs(tiny, "single_eec", iters=2, copy_paste_prob=0.0, checkpoint_every=100), **_eec_kwargs())
+    assert "eec/frac_used" in stats["final"] and stats["final"]["eec/frac_used"] > 0
+    mp.spawn(_ddp_worker, args=(_free_port(), tiny, "ddp_eec", True), nprocs=2, join=True)
+    single, ddp = _weights(tiny / "single_eec.pt"), _weights(tiny / "ddp_eec.pt")
+    diff = sum((single[k] - ddp[k]).norm() ** 2 for k in single if single[k].is_floating_point()) ** 0.5
+    assert diff < 0.05, diff
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_and_inference(tiny):
+    from efsolo.inference import TestSettings as Settings
+    from efsolo.inference import predict_image
+
+    dev = torch.device("cuda")
+    stats = train(**_kwargs(tiny, "cuda", iters=3, device=dev), **_eec_kwargs())
+    assert np.isfinite(stats["final"]["loss"]) and stats["peak_gpu_memory_mib"] > 0
+    model = load_model(tiny / "cuda.pt").to(dev)
+    masks, scores, emb = predict_image(model, np.zeros((48, 64, 3), np.uint8), 64, 96, Settings(), dev)
+    assert masks.shape[1:] == (48, 64) and len(scores) == len(emb)
