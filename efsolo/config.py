@@ -110,7 +110,7 @@ class PretrainParams:
 
 @dataclass(frozen=True)
 class BackboneParams:
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     weights: str = ""
     pretrain: PretrainParams = field(default_factory=PretrainParams)
 

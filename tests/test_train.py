@@ -145,3 +145,29 @@ def test_cuda_bf16_training_and_inference(tiny):
     model = load_model(tiny / "cuda.pt").to(dev)
     masks, scores, emb = predict_image(model, np.zeros((48, 64, 3), np.uint8), 64, 96, Settings(), dev)
     assert masks.shape[1:] == (48, 64) and len(scores) == len(emb)
+
+
+def test_two_rounds_relabel_the_training_set(tiny):
+    from efsolo import freesolo
+    from efsolo.inference import TestSettings as Settings
+
+    kw = _kwargs(tiny, "unused", iters=2)
+    for k in ("labels", "embeddings", "out_path", "ckpt_dir", "live_dir", "device"):
+        kw.pop(k)
+    stats = freesolo.run(labels=tiny / "labels.json", embeddings=tiny / "emb.npz",
+                         val_manifest=tiny / "data" / "val.json", train_manifest=tiny / "data" / "train.json",
+                         model_path=tiny / "rounds" / "model.pt", predictions_path=tiny / "rounds" / "val.json",
+                         stats_path=tiny / "rounds" / "stats.json", work_dir=tiny / "rounds" / "work",
+                         live_dir=tiny / "rounds" / "live", rounds=2, relabel_score=0.0, relabel_max=3,
+                         test=Settings(score_threshold=0.0), test_short_side=64, test_max_side=64,
+                         device=torch.device("cpu"), **kw)
+    assert set(stats) == {"round1", "round2", "val_inference"}
+    relabelled = json.loads((tiny / "rounds" / "work" / "labels2" / "train.json").read_text())
+    counts = {}
+    for a in relabelled["annotations"]:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+    assert len(relabelled["images"]) == 4 and all(c <= 3 for c in counts.values())
+    with np.load(tiny / "rounds" / "work" / "labels2" / "train_embeddings.npz") as z:
+        assert list(z["ann_ids"]) == [a["id"] for a in relabelled["annotations"]]
+        assert z["embeddings"].shape == (len(relabelled["annotations"]), ARCH.embed_dim)
+    assert (tiny / "rounds" / "model.pt").exists() and (tiny / "rounds" / "val.json").exists()
