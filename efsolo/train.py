@@ -68,30 +68,33 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
     the normalisers (positives, pairwise weights) are summed over processes, as detection
     frameworks do, so the gradients equal those of one process holding the whole batch.
     """
-    b = images.shape[0]
+    b, dev = images.shape[0], images.device
     fh, fw = out.mask_feat.shape[-2:]
     sim = colour_similarity(F.avg_pool2d(images.float(), 4)[..., :fh, :fw], ls.pairwise_dilation)  # (B, 8, h, w)
     cate_logits, cate_targets = [], []
     logits, targets, boxes, sims, pred_emb, tgt_emb = [], [], [], [], [], []
     for i in range(b):
-        cells = assign_cells(masks[i], grids, scale_ranges, ls.centre_sigma)
+        # target assignment on the CPU copy of the masks: one transfer per view, then no
+        # host-device synchronisation (.item(), nonzero) on the training device
+        cells = assign_cells(masks[i].cpu(), grids, scale_ranges, ls.centre_sigma)
         if masks[i].shape[0]:
             m4 = F.interpolate(masks[i].unsqueeze(0).float(), size=(fh, fw), mode="bilinear",
                                align_corners=False)[0] >= 0.5
         for level, idx in enumerate(cells):
             cate_logits.append(out.cates[level][i].flatten())
-            cate_targets.append((idx >= 0).float())
+            cate_targets.append((idx >= 0).float().to(dev, non_blocking=True))
             pos = torch.nonzero(idx >= 0).flatten()
             if pos.numel() == 0:
                 continue
-            inst = idx[pos]
+            inst = idx[pos].to(dev, non_blocking=True)
+            pos = pos.to(dev, non_blocking=True)
             kernels = out.kernels[level][i].flatten(1)[:, pos].T
             logits.append(dynamic_masks(kernels.float(), out.mask_feat[i].float()))
             t = m4[inst]
             targets.append(t)
             rows, cols = t.any(2), t.any(1)  # (K, h), (K, w): the pseudo mask's box at stride 4
-            ys = torch.arange(fh, device=t.device)
-            xs = torch.arange(fw, device=t.device)
+            ys = torch.arange(fh, device=dev)
+            xs = torch.arange(fw, device=dev)
             y0 = torch.where(rows, ys, fh).amin(1)
             y1 = torch.where(rows, ys, -1).amax(1)
             x0 = torch.where(cols, xs, fw).amin(1)
@@ -102,7 +105,7 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
             pred_emb.append(out.embeds[level][i].flatten(1)[:, pos].T.float())
             tgt_emb.append(embeds[i][inst])
     ref = out.mask_feat
-    n_local = torch.tensor(float(sum(t.shape[0] for t in targets)), device=ref.device)
+    n_local = torch.tensor(float(sum(t.shape[0] for t in targets)), device=dev)
     if logits:
         lg, tg = torch.cat(logits), torch.cat(targets)
         probs = torch.sigmoid(lg)
