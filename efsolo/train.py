@@ -315,7 +315,9 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     if rank == 0:
         if live is not None:
             live.end()
-        save_model(out_path, model, {"fingerprint": fp, **stats})
+        # deterministic metadata only (timings are in the stage's metrics), so identical
+        # weights give an identical file and DVC does not re-run what depends on it
+        save_model(out_path, model, {"fingerprint": fp, "iters": iters})
     if world > 1:
         dist.barrier()
     return stats
