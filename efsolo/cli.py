@@ -37,6 +37,7 @@ STAGES = {
     "pool": (pipeline.pool, "Embed the exemplar objects with the backbone (the EEC's exemplar pool)."),
     "exemplar-freesolo": (pipeline.exemplar_freesolo, "Exemplar-FreeSOLO training (FreeSOLO + lambda_eec * "
                                                       "L_eec), then val predictions."),
+    "report": (pipeline.report, "Overlays of ground truth and every model on a seeded sample of val images."),
 }
 
 
@@ -63,6 +64,55 @@ def table(readme: Optional[str] = typer.Option(None, help="Also write the table 
                                                            "between its results markers.")) -> None:
     """Print the results table (percent) of every model in metrics/."""
     _run(lambda: pipeline.update_readme(readme) if readme else pipeline.table())
+
+
+@app.command()
+def predict(inputs: list[str] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+            model: str = typer.Option(..., "--model", "-m", help="A trained model file, e.g. "
+                                                                "models/exemplar_freesolo.pt."),
+            out: str = typer.Option(..., "--out", "-o", help="Output folder."),
+            short_side: Optional[int] = typer.Option(None, help="Resize the short side to this "
+                                                                "(default: the model's training size)."),
+            max_side: Optional[int] = typer.Option(None, help="Cap the long side (default: the model's)."),
+            score_threshold: float = typer.Option(0.1, help="Candidate score threshold (method reference, s. 4)."),
+            max_per_image: int = typer.Option(100, help="At most this many instances an image."),
+            overlay_min_score: float = typer.Option(0.3, help="Draw instances scoring at least this."),
+            overlays: bool = typer.Option(True, help="Write overlay PNGs."),
+            device: str = typer.Option("auto", help="auto | cpu | cuda")) -> None:
+    """Segment any images: COCO results json (RLE) and overlay PNGs; unreadable files are skipped and listed."""
+    from efsolo import predict as pr
+    from efsolo.backbone import resolve_device
+    from efsolo.inference import TestSettings
+
+    def go() -> str:
+        summary = pr.run(model, inputs, out, short_side, max_side,
+                         TestSettings(score_threshold=score_threshold, max_per_image=max_per_image),
+                         resolve_device(device), overlay_min_score, overlays)
+        return (f"{summary['images']} images, {summary['instances']} instances, {summary['skipped']} skipped "
+                f"-> {summary['out']}/results.json")
+
+    _run(go)
+
+
+@app.command()
+def profile(dataset: str = typer.Argument(..., help="coco | uvo | voc"),
+            weights: str = typer.Option("", help="DenseCL ResNet-50 checkpoint (.pth, or detectron2 .pkl)."),
+            coco_root: str = typer.Option("", help="coco, uvo: the COCO folder (train2017, unlabeled2017, val2017, "
+                                                   "annotations/)."),
+            val_images: str = typer.Option("", help="uvo: the folder of UVO val frames."),
+            val_annotations: str = typer.Option("", help="uvo: the UVO val COCO-format json."),
+            voc_root: str = typer.Option("", help="voc: VOCdevkit/VOC2007."),
+            arch: str = typer.Option("resnet50", help="resnet50 (paper) | resnet101 (FreeSOLO release)."),
+            out: str = typer.Option("params.yaml", help="Where to write the params file.")) -> None:
+    """Write the paper's settings for COCO, UVO or VOC as a params file (then: dvc repro)."""
+    from efsolo.profiles import write_profile
+
+    def go() -> str:
+        write_profile(out, dataset, weights, coco_root=coco_root, val_images=val_images,
+                      val_annotations=val_annotations, voc_root=voc_root, arch=arch)
+        return f"wrote the paper profile for {dataset} to {out}"
+
+    _run(go)
 
 
 def main() -> None:

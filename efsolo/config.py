@@ -58,10 +58,11 @@ class SyntheticParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["synthetic", "coco", "folder"] = "synthetic"
+    source: Literal["synthetic", "coco", "folder", "voc"] = "synthetic"
     train_images: tuple[str, ...] = ()
     val_images: tuple[str, ...] = ()
     val_annotations: str = ""
+    voc_image_set: str = ""
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,11 @@ class DataParams:
         if self.source == "coco":
             _check(bool(self.val_annotations), "data.val_annotations",
                    "must name a COCO instances json when data.source is coco", self.val_annotations)
+        if self.source == "voc":
+            _check(len(self.val_images) > 0, "data.val_images",
+                   "must name the VOC JPEGImages folder when data.source is voc", self.val_images)
+            _check(bool(self.val_annotations), "data.val_annotations",
+                   "must name the VOC Annotations folder when data.source is voc", self.val_annotations)
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,10 @@ class FreeMaskParams:
     embed_dim: int = 128
     embed_method: Literal["linear", "random"] = "linear"
     batch_size: int = 8
+    shard_size: int = 2000
 
     def __post_init__(self) -> None:
+        _non_negative("freemask.shard_size", self.shard_size)
         _check(self.short_side >= 32, "freemask.short_side", "must be >= 32", self.short_side)
         _check(self.max_side >= self.short_side, "freemask.max_side", "must be >= freemask.short_side",
                self.max_side)
@@ -274,6 +282,20 @@ class EECParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    """Overlays of the same val images under every model (the ``report`` stage)."""
+
+    num_images: int = 8
+    min_score: float = 0.3
+    max_instances: int = 20
+
+    def __post_init__(self) -> None:
+        _positive("report.num_images", self.num_images)
+        _in_unit("report.min_score", self.min_score)
+        _positive("report.max_instances", self.max_instances)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -283,6 +305,7 @@ class Params:
     freesolo: FreeSOLOParams = field(default_factory=FreeSOLOParams)
     exemplar: ExemplarParams = field(default_factory=ExemplarParams)
     eec: EECParams = field(default_factory=EECParams)
+    report: ReportParams = field(default_factory=ReportParams)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -361,9 +384,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def to_dict(params: Any) -> dict:
-    """Plain nested dict of a params dataclass (tuples become lists)."""
+    """Plain nested dict of a params dataclass (tuples become lists, at any depth)."""
     def conv(v: Any) -> Any:
-        if isinstance(v, tuple):
+        if isinstance(v, (tuple, list)):
             return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
         return v
-    return {k: (to_dict(v) if dataclasses.is_dataclass(v) else conv(v)) for k, v in dataclasses.asdict(params).items()}
+    return conv(dataclasses.asdict(params))

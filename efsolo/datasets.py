@@ -95,11 +95,12 @@ def _find_file(name: str, folders: tuple[str, ...]) -> Path | None:
     return None
 
 
-def prepare_coco_val(val_images: tuple[str, ...], val_annotations: str) -> dict:
+def prepare_val_with_gt(gt: dict, val_images: tuple[str, ...], source: str, what: str) -> dict:
+    """Locate and validate the images of a class-agnostic ground truth in ``val_images``; images
+    that are missing or unreadable are skipped (and listed), their annotations dropped."""
     for folder in val_images:
         if not Path(folder).is_dir():
             raise DataError(f"{folder}: no such folder (data.val_images)")
-    gt = class_agnostic(read_json(val_annotations), val_annotations)
     skipped: list[dict] = []
     located: list[tuple[dict, Path]] = []
     for img in gt["images"]:
@@ -118,13 +119,35 @@ def prepare_coco_val(val_images: tuple[str, ...], val_annotations: str) -> dict:
             continue
         records.append({"id": img["id"], **g})
         kept_ids.add(img["id"])
-    _require_nonempty(records, f"{val_annotations} with images in {list(val_images)}")
+    _require_nonempty(records, f"{what} with images in {list(val_images)}")
     by_id = {r["id"]: r for r in records}
     gt = {**gt, "info": {**gt.get("info", {}), "has_ground_truth": True},
           "images": [{**img, "width": by_id[img["id"]]["width"], "height": by_id[img["id"]]["height"]}
                      for img in gt["images"] if img["id"] in kept_ids],
           "annotations": [a for a in gt["annotations"] if a["image_id"] in kept_ids]}
-    return {"manifest": _manifest("coco", "val", records), "gt": gt, "skipped": skipped}
+    return {"manifest": _manifest(source, "val", records), "gt": gt, "skipped": skipped}
+
+
+def prepare_coco_val(val_images: tuple[str, ...], val_annotations: str) -> dict:
+    gt = class_agnostic(read_json(val_annotations), val_annotations)
+    return prepare_val_with_gt(gt, val_images, "coco", val_annotations)
+
+
+def prepare_voc_val(val_images: tuple[str, ...], annotations_dir: str, image_set_file: str) -> dict:
+    from efsolo import voc
+
+    try:
+        ids = voc.image_set(image_set_file) if image_set_file else None
+        gt = voc.voc_dataset(annotations_dir, ids)
+    except voc.VOCError as err:
+        raise DataError(str(err)) from None
+    return prepare_val_with_gt(gt, val_images, "voc", annotations_dir)
+
+
+def _train_from_val(val: dict, source: str) -> dict:
+    """The discovery protocol: train, without labels, on the evaluation images themselves."""
+    records = val["manifest"]["images"]
+    return {"manifest": _manifest(source, "train", records), "gt": empty_dataset([]), "skipped": []}
 
 
 def prepare_folder(split: str, folders: tuple[str, ...], source: str) -> dict:
@@ -143,7 +166,7 @@ def prepare_folder(split: str, folders: tuple[str, ...], source: str) -> dict:
 
 
 def run(out_dir: str | Path, source: str, seed: int, train_images: tuple[str, ...] = (),
-        val_images: tuple[str, ...] = (), val_annotations: str = "", num_train: int = 320,
+        val_images: tuple[str, ...] = (), val_annotations: str = "", voc_image_set: str = "", num_train: int = 320,
         num_val: int = 80, image_size: int = 160, min_objects: int = 2, max_objects: int = 6) -> dict:
     """Prepare both splits and write the manifests, ground truth and report. Returns the report."""
     out_dir = Path(out_dir)
@@ -152,6 +175,10 @@ def run(out_dir: str | Path, source: str, seed: int, train_images: tuple[str, ..
     elif source == "coco":
         splits = {"train": prepare_folder("train", train_images, "coco"),
                   "val": prepare_coco_val(val_images, val_annotations)}
+    elif source == "voc":
+        val = prepare_voc_val(val_images, val_annotations, voc_image_set)
+        splits = {"train": prepare_folder("train", train_images, "voc") if train_images else _train_from_val(val, "voc"),
+                  "val": val}
     elif source == "folder":
         splits = {"train": prepare_folder("train", train_images, "folder"),
                   "val": prepare_folder("val", val_images, "folder")}

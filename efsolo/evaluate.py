@@ -1,5 +1,7 @@
 """Class-agnostic COCO evaluation (pycocotools COCOeval, ``useCats = 0``) of segm and bbox.
 
+Ground truth with boxes only (PASCAL VOC, multi-object discovery) is evaluated for bbox only.
+
 Predictions may be a COCO results list (``[{image_id, segmentation, bbox, score}]``) or a
 COCO dataset whose annotations carry a ``score`` (as the Free Mask pseudo-labels do).
 """
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
 
 from efsolo import atomic
 from efsolo.coco_format import AGNOSTIC_CATEGORY, AnnotationError, class_agnostic, read_json
@@ -48,8 +51,15 @@ def as_results(predictions: list | dict, path: str | Path = "<predictions>") -> 
     return out
 
 
+def iou_types(gt: dict) -> tuple[str, ...]:
+    """("segm", "bbox"), or ("bbox",) when some ground-truth annotation has no mask."""
+    if gt.get("info", {}).get("boxes_only") or any("segmentation" not in a for a in gt["annotations"]):
+        return ("bbox",)
+    return IOU_TYPES
+
+
 def evaluate(gt: dict, results: list[dict]) -> tuple[dict, dict]:
-    """COCOeval, class-agnostic, for segm and bbox.
+    """COCOeval, class-agnostic, for segm and bbox (bbox only for box-only ground truth).
 
     Returns (metrics ``{"segm": {"AP": ..}, "bbox": {..}}`` in [0, 1], precision-recall curves
     ``{iou_type: DataFrame(recall, precision_iou50, precision_iou75)}``). No predictions give 0.
@@ -61,7 +71,7 @@ def evaluate(gt: dict, results: list[dict]) -> tuple[dict, dict]:
     results = [r for r in results if r["image_id"] in known]
     metrics, curves = {}, {}
     recall = np.linspace(0, 1, 101)
-    for iou_type in IOU_TYPES:
+    for iou_type in tqdm(iou_types(gt), desc="evaluating", disable=None, leave=False):
         if not results or not gt["annotations"]:
             metrics[iou_type] = {k: 0.0 for k in STAT_NAMES}
             curves[iou_type] = pd.DataFrame({"recall": recall, "precision_iou50": 0.0, "precision_iou75": 0.0})
@@ -109,11 +119,11 @@ def results_table(metrics_dir: str | Path, models: list[str] | None = None) -> p
         if not p.is_file():
             continue
         m = read_json(p)
-        if "segm" not in m:
+        if not any(t in m for t in IOU_TYPES):
             continue
         row = {"model": p.stem}
         for iou_type in IOU_TYPES:
             for k in ("AP", "AP50", "AP75", "AR100"):
-                row[f"{iou_type} {k}"] = round(100 * m[iou_type][k], 1)
+                row[f"{iou_type} {k}"] = round(100 * m[iou_type][k], 1) if iou_type in m else "-"
         rows.append(row)
     return pd.DataFrame(rows)

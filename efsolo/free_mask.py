@@ -215,24 +215,60 @@ def load_embeddings(path: str | Path) -> dict[int, np.ndarray]:
 
 
 def run(train_manifest: str | Path, val_manifest: str | Path, backbone: str | Path, out_dir: str | Path,
-        device: torch.device, feature_stride: int, seed: int, **options) -> dict:
-    """Label the train and val splits; write pseudo-labels, embeddings and ``stats.json``."""
+        device: torch.device, feature_stride: int, seed: int, shard_size: int = 0,
+        shard_dir: str | Path | None = None, **options) -> dict:
+    """Label the train and val splits; write pseudo-labels, embeddings and ``stats.json``.
+
+    Each split is labelled in shards of ``shard_size`` images (0: one shard), written to
+    ``shard_dir`` and merged (see :mod:`efsolo.sharding`); under ``torchrun`` the processes
+    share the shards (one GPU each) and rank 0 merges. Finished shards are not labelled again.
+    """
+    from efsolo import sharding
+    from efsolo.resume import file_digest
+
     out_dir = Path(out_dir)
+    shard_dir = Path(shard_dir) if shard_dir is not None else out_dir / "shards"
+    rank, world, local = sharding.dist_env()
+    if world > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # a barrier between labelling and merging is all it is used for
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
     trunk = load_backbone(backbone, output_stride=feature_stride).to(device).eval()
     if device.type == "cuda":
         trunk = trunk.to(memory_format=torch.channels_last)
+    settings = {"backbone": file_digest(backbone), "feature_stride": feature_stride, "seed": seed, **options}
     stats: dict = {"feature_level": options["feature_level"], "feature_stride": feature_stride,
-                   "device": device.type}
+                   "device": device.type, "processes": world}
     for split, manifest in (("train", train_manifest), ("val", val_manifest)):
-        t0 = time.time()
         records = load_manifest(manifest)
-        dataset, emb, skipped = label_split(trunk, records, device, f"free mask {split}", seed=seed, **options)
+        slices = sharding.shard_slices(len(records), shard_size)
+        prints = [sharding.shard_fingerprint(records[sl], settings) for sl in slices]
+        for k in sharding.mine(len(slices), rank, world):
+            if sharding.shard_done(shard_dir, split, k, prints[k]):
+                continue
+            t0 = time.time()
+            desc = f"free mask {split}" + (f" shard {k + 1}/{len(slices)}" if len(slices) > 1 else "")
+            dataset, emb, skipped = label_split(trunk, records[slices[k]], device, desc, seed=seed, **options)
+            sharding.write_shard(shard_dir, split, k, prints[k], dataset, emb, skipped, round(time.time() - t0, 2))
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            continue
+        dataset, emb, skipped, seconds = sharding.merge_shards(shard_dir, split, len(slices), options["embed_dim"],
+                                                               "Free Mask pseudo-labels")
         save_pseudo_labels(out_dir, split, dataset, emb)
         n_img = max(1, len(dataset["images"]))
         stats[split] = {"images": len(dataset["images"]), "masks": len(dataset["annotations"]),
-                        "masks_per_image": len(dataset["annotations"]) / n_img,
-                        "seconds": round(time.time() - t0, 2), "skipped": skipped}
+                        "masks_per_image": len(dataset["annotations"]) / n_img, "shards": len(slices),
+                        "seconds": round(seconds, 2), "skipped": skipped}
         for s in skipped:
-            print(f"skipped {s['file']}: {s['reason']}")
-    atomic.write_json(out_dir / "stats.json", stats, indent=1)
+            print(f"skipped: {s['reason']}")
+    if rank == 0:
+        atomic.write_json(out_dir / "stats.json", stats, indent=1)
     return stats

@@ -23,6 +23,7 @@ BACKBONE = Path("models/backbone.pt")
 BACKBONE_CKPT_DIR = Path("checkpoints/backbone")
 BACKBONE_LIVE_DIR = Path("dvclive/backbone")
 FREEMASK_DIR = Path("pseudo/freemask")
+FREEMASK_SHARD_DIR = Path("checkpoints/freemask")
 FREESOLO_MODEL = Path("models/freesolo.pt")
 FREESOLO_WORK_DIR = Path("checkpoints/freesolo")
 FREESOLO_LIVE_DIR = Path("dvclive/freesolo")
@@ -32,6 +33,7 @@ EFS_MODEL = Path("models/exemplar_freesolo.pt")
 EFS_WORK_DIR = Path("checkpoints/exemplar_freesolo")
 EFS_LIVE_DIR = Path("dvclive/exemplar_freesolo")
 METRICS_DIR = Path("metrics")
+REPORT_DIR = Path("reports/overlays")
 
 # model name -> its validation predictions (the ``evaluate`` foreach in dvc.yaml)
 PREDICTIONS = {"freemask": FREEMASK_DIR / "val.json", "freesolo": Path("predictions/freesolo/val.json"),
@@ -43,7 +45,8 @@ def data(p: Params) -> dict:
 
     d, s = p.data, p.data.synthetic
     return datasets.run(DATA_DIR, source=d.source, seed=p.seed, train_images=d.train_images,
-                        val_images=d.val_images, val_annotations=d.val_annotations, num_train=s.num_train,
+                        val_images=d.val_images, val_annotations=d.val_annotations,
+                        voc_image_set=d.voc_image_set, num_train=s.num_train,
                         num_val=s.num_val, image_size=s.image_size, min_objects=s.min_objects,
                         max_objects=s.max_objects)
 
@@ -83,7 +86,7 @@ def freemask(p: Params) -> dict:
                          min_pixels=f.min_pixels, nms=f.nms, nms_sigma=f.nms_sigma, fast_nms_iou=f.fast_nms_iou,
                          keep_top=f.keep_top, pre_nms_top=f.pre_nms_top, score_threshold=f.score_threshold, max_box_width=f.max_box_width,
                          top_exclude=f.top_exclude, embed_dim=f.embed_dim, embed_method=f.embed_method,
-                         batch_size=f.batch_size)
+                         batch_size=f.batch_size, shard_size=f.shard_size, shard_dir=FREEMASK_SHARD_DIR)
 
 
 def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
@@ -198,6 +201,15 @@ def evaluate(model: str, predictions: str | Path | None = None) -> dict:
     return ev.run(VAL_GT, predictions, METRICS_DIR / f"{model}.json", METRICS_DIR / "pr" / model)
 
 
+def report(p: Params) -> dict:
+    from efsolo import report as rp
+
+    r = p.report
+    titles = {"freemask": "Free Mask", "freesolo": "FreeSOLO", "exemplar_freesolo": "Exemplar-FreeSOLO"}
+    return rp.run(VAL_MANIFEST, VAL_GT, {titles[k]: v for k, v in PREDICTIONS.items()}, REPORT_DIR, num_images=r.num_images, seed=p.seed,
+                  min_score=r.min_score, max_instances=r.max_instances)
+
+
 README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 
@@ -214,18 +226,23 @@ def table(models: list[str] | None = None) -> str:
     return "\n".join([header, *rows])
 
 
-def update_readme(readme: str | Path = "README.md") -> str:
-    """Replace the text between the results markers of ``readme`` with the current table."""
+def replace_between_markers(path: str | Path, start: str, end: str, body: str) -> None:
+    """Replace the text between the ``start`` and ``end`` markers of a file (atomically)."""
     from efsolo import atomic
 
-    path = Path(readme)
+    path = Path(path)
     text = path.read_text()
-    if README_START not in text or README_END not in text:
-        raise EfsoloError(f"{path}: no {README_START} ... {README_END} markers to write the results between")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
+    if start not in text or end not in text:
+        raise EfsoloError(f"{path}: no {start} ... {end} markers to write between")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    atomic.write_text(path, f"{head}{start}\n{body}\n{end}{tail}")
+
+
+def update_readme(readme: str | Path = "README.md") -> str:
+    """Replace the text between the results markers of ``readme`` with the current table."""
     body = table()
-    atomic.write_text(path, f"{head}{README_START}\n{body}\n{README_END}{tail}")
+    replace_between_markers(readme, README_START, README_END, body)
     return body
 
 

@@ -165,6 +165,13 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SO
     return model.eval()
 
 
+def model_input_size(path: str | Path) -> tuple[int, int]:
+    """The (short side, max side) a model file was trained at (the paper's 800, 1333 if unrecorded)."""
+    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    size = blob.get("meta", {}).get("input_size") if isinstance(blob, dict) else None
+    return (int(size[0]), int(size[1])) if size else (800, 1333)
+
+
 def _dist() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
@@ -317,7 +324,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             live.end()
         # deterministic metadata only (timings are in the stage's metrics), so identical
         # weights give an identical file and DVC does not re-run what depends on it
-        save_model(out_path, model, {"fingerprint": fp, "iters": iters})
+        save_model(out_path, model, {"fingerprint": fp, "iters": iters,
+                                     "input_size": [max(train_short_sides), max_side]})
     if world > 1:
         dist.barrier()
     return stats

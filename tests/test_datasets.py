@@ -106,3 +106,29 @@ def test_folder_source_has_no_ground_truth(tmp_path):
         val_images=(str(tmp_path / "mine"),))
     gt = json.loads((tmp_path / "o" / "val_gt.json").read_text())
     assert gt["info"]["has_ground_truth"] is False and gt["annotations"] == [] and len(gt["images"]) == 3
+
+
+def test_uvo_style_json_with_polygons_and_frame_folders_loads_and_evaluates(tmp_path):
+    """UVO val is COCO-format: frames in per-video folders, polygon masks; loaded by source coco."""
+    from efsolo.coco_format import mask_annotation
+    from efsolo.evaluate import evaluate
+
+    frames = tmp_path / "uvo_frames"
+    _write_images(frames / "vid_a", 2)
+    images = [{"id": 7, "file_name": "vid_a/0.png", "width": 30, "height": 20},
+              {"id": 8, "file_name": "vid_a/1.png", "width": 30, "height": 20}]
+    anns = [{"id": 1, "image_id": 7, "category_id": 1, "segmentation": [[3, 2, 12, 2, 12, 10, 3, 10]],
+             "bbox": [3, 2, 9, 8], "area": 72, "iscrowd": 0}]
+    (tmp_path / "uvo_val.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                       "categories": [{"id": 1, "name": "object"}]}))
+    _write_images(tmp_path / "coco_train", 2)
+    report = run(tmp_path / "o", "coco", seed=0, train_images=(str(tmp_path / "coco_train"),),
+                 val_images=(str(frames),), val_annotations=str(tmp_path / "uvo_val.json"))
+    assert report["val_images"] == 2 and report["skipped"] == []
+    gt = json.loads((tmp_path / "o" / "val_gt.json").read_text())
+    from pycocotools import mask as mask_utils
+    rle = mask_utils.frPyObjects(anns[0]["segmentation"], 20, 30)
+    m = mask_utils.decode(mask_utils.merge(rle)).astype(bool)
+    pred = {**mask_annotation(m, 1, 7, score=0.9), "category_id": 1}
+    metrics, _ = evaluate(gt, [pred])
+    assert metrics["segm"]["AP50"] == pytest.approx(1.0) and metrics["bbox"]["AP50"] == pytest.approx(1.0)

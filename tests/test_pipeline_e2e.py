@@ -55,6 +55,8 @@ def repo(tmp_path_factory):
     _sh(root, "git", "init", "-q")
     _sh(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init")
     _sh(root, "dvc", "init", "-q")
+    shutil.copy(REPO / ".dvc" / "plots_template.html", root / ".dvc" / "plots_template.html")
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
     _sh(root, "dvc", "repro")
     return root
 
@@ -73,6 +75,7 @@ def test_repro_produces_metrics_and_is_then_up_to_date(repo):
     train_stats = json.loads((repo / "metrics" / "train" / "exemplar_freesolo.json").read_text())
     assert "eec/frac_pos" in train_stats["round1"]["final"]
     assert (repo / "exemplars" / "crops_sheet.png").exists() and (repo / "exemplars" / "pool_sheet.png").exists()
+    assert len(list((repo / "reports" / "overlays").glob("*.png"))) == 4  # every val image (4 < report.num_images)
     assert "Data and pipelines are up to date" in _sh(repo, "dvc", "status")
     assert "Running stage" not in _sh(repo, "dvc", "repro")
 
@@ -116,7 +119,7 @@ def test_eec_alpha_reruns_only_exemplar_training_and_its_evaluation(repo):
     status, ran = _changed_after(repo, "eec", "alpha", 0.6)
     assert status == {"exemplar_freesolo"}
     # its evaluation re-runs too whenever the predictions change (DVC skips it if they do not)
-    assert "exemplar_freesolo" in ran and ran <= {"exemplar_freesolo", "evaluate@exemplar_freesolo"}
+    assert "exemplar_freesolo" in ran and ran <= {"exemplar_freesolo", "evaluate@exemplar_freesolo", "report"}
 
 
 @pytest.mark.e2e
@@ -124,7 +127,20 @@ def test_number_of_exemplars_reruns_the_exemplar_branch_only(repo):
     status, ran = _changed_after(repo, "exemplar", "num_images", 3)
     assert status == {"exemplars"}
     assert {"exemplars", "refine"} <= ran  # new crops: refine re-runs; later stages whenever their inputs change
-    assert ran <= {"exemplars", "refine", "pool", "exemplar_freesolo", "evaluate@exemplar_freesolo"}
+    assert ran <= {"exemplars", "refine", "pool", "exemplar_freesolo", "evaluate@exemplar_freesolo", "report"}
+
+
+@pytest.mark.e2e
+def test_plots_show_gives_one_html_report_with_every_plot(repo, tmp_path):
+    _sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    for needle in ("reports_overlays_", "exemplars_pool_sheet_png", "freesolo mask precision-recall",
+                   "dvclive/freesolo/plots/metrics/train/max_proj.tsv",
+                   "dvclive/backbone/plots/metrics/pretrain/loss.tsv"):
+        assert needle in html, needle
+    assert "cdn.jsdelivr" not in html and "vega-embed 6.18.2" in html  # renders with no network
+    images = list((tmp_path / "plots").rglob("*.png"))
+    assert len(images) >= 4 + 2  # the overlays and the two contact sheets
 
 
 @pytest.mark.e2e

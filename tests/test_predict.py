@@ -1,0 +1,76 @@
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from efsolo.cli import app
+from efsolo.coco_format import decode_mask, mask_box
+from efsolo.errors import EfsoloError
+from efsolo.predict import collect_images, run
+from efsolo.solo_model import SOLO, SOLOArch
+from efsolo.train import model_input_size, save_model
+
+
+@pytest.fixture()
+def model_file(tmp_path):
+    """A tiny network whose every cell is confident and whose kernels all pick mask channel 0."""
+    torch.manual_seed(0)
+    model = SOLO(SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16,
+                          kernel_dim=8, embed_dim=4, grids=(8, 6, 4, 3, 2)))
+    with torch.no_grad():
+        model.head.cate_pred.bias.fill_(5.0)
+        model.head.kernel_pred.weight.zero_()
+        model.head.kernel_pred.bias.copy_(torch.tensor([8.0, 0, 0, 0, 0, 0, 0, 0]))
+    path = tmp_path / "model.pt"
+    save_model(path, model, {"input_size": [64, 96]})
+    return path
+
+
+def _images(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    cv2.imwrite(str(tmp_path / "a" / "x.png"), rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    cv2.imwrite(str(tmp_path / "a" / "sub" / "y.jpg"), rng.integers(0, 255, (30, 30, 3), dtype=np.uint8))
+    cv2.imwrite(str(tmp_path / "b" / "x.png"), rng.integers(0, 255, (20, 60), dtype=np.uint8))  # gray, same stem
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+
+
+def test_predict_writes_coco_results_overlays_and_skips_corrupt_files(tmp_path, model_file):
+    _images(tmp_path)
+    out = tmp_path / "out"
+    summary = run(model_file, [str(tmp_path / "a"), str(tmp_path / "b" / "x.png")], out)
+    assert summary["images"] == 3 and summary["skipped"] == 1 and summary["instances"] > 0
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert skipped[0]["file"].endswith("broken.jpg") and "not a readable image" in skipped[0]["reason"]
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [i["overlay"] for i in images] == ["overlays/y.png", "overlays/x.png", "overlays/x-2.png"]
+    sizes = {i["id"]: (i["height"], i["width"]) for i in images}
+    results = json.loads((out / "results.json").read_text())
+    for r in results:
+        m = decode_mask(r["segmentation"])
+        assert m.shape == sizes[r["image_id"]] and r["bbox"] == mask_box(m) and 0 < r["score"] <= 1
+    for i in images:
+        ov = cv2.imread(str(out / i["overlay"]))
+        assert ov.shape[:2] == (i["height"], i["width"])
+    from pycocotools.coco import COCO  # the results load as COCO results against images.json
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": [], "categories": [{"id": 1, "name": "object"}]}
+    gt.createIndex()
+    assert len(gt.loadRes(results).getAnnIds()) == len(results)
+
+
+def test_predict_cli_and_input_errors(tmp_path, model_file):
+    _images(tmp_path)
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "b"), "--model", str(model_file), "--out",
+                                   str(tmp_path / "o"), "--no-overlays", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "1 images" in res.output and not (tmp_path / "o" / "overlays").exists()
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "nope"), "--model", str(model_file), "--out", "o"])
+    assert res.exit_code == 1 and "nope: no such file or folder" in res.output
+    with pytest.raises(EfsoloError, match="no images"):
+        collect_images([])
+    assert model_input_size(model_file) == (64, 96)

@@ -1,0 +1,45 @@
+import pytest
+
+from efsolo.config import load_params
+from efsolo.errors import EfsoloError
+from efsolo.profiles import write_profile
+
+
+def test_paper_profile_for_coco_has_the_papers_settings(tmp_path):
+    path = tmp_path / "params.yaml"
+    write_profile(path, "coco", "/ckpt/densecl_r50.pth", coco_root="/data/coco")
+    p = load_params(path)
+    assert p.data.source == "coco" and p.data.train_images == ("/data/coco/train2017", "/data/coco/unlabeled2017")
+    assert p.data.val_annotations == "/data/coco/annotations/instances_val2017.json"
+    assert (p.backbone.arch, p.backbone.weights) == ("resnet50", "/ckpt/densecl_r50.pth")
+    f, s, e = p.freemask, p.freesolo, p.eec
+    assert (f.short_side, f.max_side, f.feature_level, f.query_scales, f.score_threshold) == (800, 1333, "c5",
+                                                                                              (1.0, 0.5, 0.25), 0.7)
+    assert (s.batch_size, s.lr, s.gamma, s.mu, s.test_short_side, s.grids) == (8, 0.001, 0.1, 0.4, 800,
+                                                                               (40, 36, 24, 16, 12))
+    assert (e.weight, e.tau, e.alpha, e.beta) == (1.3, 0.02, 0.8, 0.3)
+
+
+def test_uvo_and_voc_profiles(tmp_path):
+    write_profile(tmp_path / "u.yaml", "uvo", "w.pth", coco_root="/c", val_images="/uvo/frames",
+                  val_annotations="/uvo/val.json")
+    u = load_params(tmp_path / "u.yaml").data
+    assert u.train_images == ("/c/train2017", "/c/unlabeled2017") and u.val_annotations == "/uvo/val.json"
+    write_profile(tmp_path / "v.yaml", "voc", "w.pth", voc_root="/VOC2007")
+    v = load_params(tmp_path / "v.yaml").data
+    assert (v.source, v.train_images, v.val_images) == ("voc", (), ("/VOC2007/JPEGImages",))
+    assert v.voc_image_set == "/VOC2007/ImageSets/Main/trainval.txt"
+
+
+@pytest.mark.parametrize("dataset, kwargs, message", [
+    ("coco", {}, "--coco-root is needed"),
+    ("uvo", {"coco_root": "/c"}, "--val-images"),
+    ("voc", {}, "--voc-root is needed"),
+    ("lvis", {}, "unknown profile dataset"),
+])
+def test_profile_errors_say_what_is_missing(tmp_path, dataset, kwargs, message):
+    with pytest.raises(EfsoloError, match=message):
+        write_profile(tmp_path / "p.yaml", dataset, "w.pth", **kwargs)
+    with pytest.raises(EfsoloError, match="needs --weights"):
+        write_profile(tmp_path / "p.yaml", "coco", "", coco_root="/c")
+    assert not (tmp_path / "p.yaml").exists()
