@@ -21,17 +21,20 @@ def palette(n: int) -> np.ndarray:
 
 
 def draw_instances(img: np.ndarray, masks: np.ndarray, boxes: np.ndarray | None = None,
-                   scores: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
+                   scores: np.ndarray | None = None, alpha: float = 0.5, dim: float = 0.5) -> np.ndarray:
     """Instances over an RGB uint8 image (H, W, 3).
 
     masks (N, H, W) bool; boxes (N, 4) COCO ``[x, y, w, h]`` (drawn when given); scores (N,)
-    (written at the box's corner when given). Drawn lowest score first, so the best is on top.
-    Returns a new image; with N = 0 a copy of ``img``.
+    (written at the box's corner when given). Pixels outside every mask are dimmed by ``dim``
+    so the instances stand out from the image's own colours; drawn lowest score first, so the
+    best is on top. Returns a new image; with N = 0 a copy of ``img``.
     """
-    out = img.copy()
     n = len(masks)
     if n == 0:
-        return out
+        return img.copy()
+    out = img.copy()
+    outside = ~masks.any(0)
+    out[outside] = (out[outside] * dim).astype(np.uint8)
     order = np.argsort(scores, kind="stable") if scores is not None else np.arange(n)
     colours = palette(n)
     for rank, i in enumerate(order):
@@ -40,6 +43,7 @@ def draw_instances(img: np.ndarray, masks: np.ndarray, boxes: np.ndarray | None 
         out[m] = (out[m] * (1 - alpha) + c * alpha).astype(np.uint8)
         contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         colour = tuple(int(v) for v in colours[rank])
+        cv2.drawContours(out, contours, -1, (255, 255, 255), 2)
         cv2.drawContours(out, contours, -1, colour, 1)
         if boxes is not None:
             x, y, w, h = (int(round(v)) for v in boxes[i])

@@ -15,7 +15,7 @@ def test_draw_instances_colours_masks_and_keeps_the_rest():
     masks[1, 10:18, 12:28] = True
     out = draw_instances(img, masks, np.array([[2, 2, 6, 6], [12, 10, 16, 8]]), np.array([0.9, 0.4]))
     assert out.shape == img.shape and out[4, 4].any() and out[14, 20].any()
-    assert not out[0, 29].any() and not img.any()  # outside every instance unchanged; input untouched
+    assert not out[0, 29].any() and not img.any()  # outside every instance dimmed (black stays black); input untouched
     assert np.array_equal(draw_instances(img, masks[:0]), img)
     assert len({tuple(c) for c in palette(10)}) == 10
 
