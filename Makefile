@@ -27,4 +27,4 @@ test: setup
 	$(VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf data/prepared models pseudo dvclive checkpoints metrics/*.json metrics/pr
+	rm -rf data/prepared models pseudo dvclive checkpoints metrics/pr $(filter-out metrics/bench.json,$(wildcard metrics/*.json))

@@ -56,11 +56,13 @@ def draw_instances(img: np.ndarray, masks: np.ndarray, boxes: np.ndarray | None 
 
 def draw_annotations(img: np.ndarray, annotations: list[dict], max_instances: int = 100,
                      min_score: float = 0.0) -> np.ndarray:
-    """COCO annotations or results (RLE ``segmentation``, ``bbox``, optional ``score``) over ``img``."""
+    """COCO annotations or results (RLE ``segmentation`` or none, ``bbox``, optional ``score``) over ``img``."""
     anns = [a for a in annotations if a.get("score", 1.0) >= min_score]
     anns = sorted(anns, key=lambda a: -a.get("score", 1.0))[:max_instances]
     h, w = img.shape[:2]
-    masks = np.stack([decode_mask(a["segmentation"]).astype(bool) for a in anns]) if anns else np.zeros((0, h, w), bool)
+    # box-only annotations (PASCAL VOC ground truth) draw their box and an empty mask
+    masks = np.stack([decode_mask(a["segmentation"]).astype(bool) if a.get("segmentation") else np.zeros((h, w), bool)
+                      for a in anns]) if anns else np.zeros((0, h, w), bool)
     boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
     scores = np.array([a["score"] for a in anns], dtype=np.float32) if anns and "score" in anns[0] else None
     return draw_instances(img, masks, boxes, scores)

@@ -26,6 +26,8 @@ def test_side_by_side_and_annotations():
     m[4:12, 4:12] = True
     drawn = draw_annotations(img, [{**mask_annotation(m, 1, 1), "score": 0.2}], min_score=0.5)
     assert np.array_equal(drawn, img)  # below the score threshold: nothing drawn
+    boxed = draw_annotations(img, [{"bbox": [2, 2, 8, 8], "image_id": 1}])  # VOC ground truth: a box only
+    assert boxed[2, 5].any() and not np.array_equal(boxed[2, 5], img[2, 5])
     row = side_by_side([("a", img), ("b", draw_annotations(img, [mask_annotation(m, 1, 1)]))])
     assert row.shape == (16 + 16, 16 * 2 + 4, 3)
 
