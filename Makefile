@@ -2,6 +2,8 @@
 # make demo:  setup, then the whole DVC pipeline on the embedded demo data, then the results table
 #             (printed, and written into README.md between its results markers)
 # make test:  setup, then the test suite
+# make seeds: setup, then the whole pipeline for seeds 0, 1, 2 as a DVC experiment queue; writes
+#             metrics/seeds.json (per seed, and mean ± std) and prints the table
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
@@ -9,7 +11,7 @@ PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test seeds clean
 
 setup: $(VENV)/.efsolo-installed
 
@@ -25,6 +27,9 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+seeds: setup
+	efsolo seeds --seeds 0 --seeds 1 --seeds 2
 
 clean:
 	rm -rf data/prepared models pseudo dvclive checkpoints metrics/pr $(filter-out metrics/bench.json,$(wildcard metrics/*.json))

@@ -163,6 +163,56 @@ def bench_train(size: Size, device: torch.device) -> dict:
     return out
 
 
+def bench_train_breakdown(size: Size, device: torch.device) -> dict:
+    """Where a training iteration's time goes: views (strong view + copy-paste), the trunk's
+    forward, the rest of the forward (FPN, heads, mask branch), the losses (target assignment
+    included), backward, and the SGD step; seconds per iteration and shares."""
+    from efsolo.inference import normalise
+    from efsolo.train import LossSettings, solo_losses
+    from efsolo.views import copy_paste, strong_view
+
+    model = SOLO(size.arch).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    x, masks, embeds = _inputs(size, size.batch, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    ranges = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+    amp = device.type == "cuda"
+    parts = dict.fromkeys(("views", "trunk_forward", "heads_forward", "losses", "backward", "optimizer"), 0.0)
+
+    def timed(name: str, fn):  # noqa: ANN001, ANN202
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        parts[name] += time.perf_counter() - t0
+        return out
+
+    def one() -> None:
+        strong, s_masks, s_embeds = timed("views", lambda: copy_paste(strong_view(x, g), masks, embeds, g, 0.5))
+        images = torch.cat([x, strong])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            feats = timed("trunk_forward", lambda: model.trunk(normalise(images)))
+            out = timed("heads_forward", lambda: model.forward_from_trunk(feats))
+        loss = timed("losses", lambda: solo_losses(out, images, masks + s_masks, embeds + s_embeds, size.arch.grids,
+                                                   ranges, LossSettings(), step=10**6)["total"])
+        opt.zero_grad(set_to_none=True)
+        timed("backward", loss.backward)
+        timed("optimizer", opt.step)
+
+    one()  # warm-up
+    for k in parts:
+        parts[k] = 0.0
+    for _ in range(size.iters):
+        one()
+    total = sum(parts.values())
+    out = {f"{k}_s": v / size.iters for k, v in parts.items()}
+    out.update({f"{k}_share": v / total for k, v in parts.items()})
+    out["images_per_second"] = size.batch * size.iters / total
+    out["input"] = f"{size.short_side}x{size.long_side}"
+    return out
+
+
 def bench_inference(size: Size, device: torch.device) -> dict:
     from efsolo.inference import TestSettings, predict_image
 
@@ -175,7 +225,8 @@ def bench_inference(size: Size, device: torch.device) -> dict:
     return {"images_per_second": 1 / sec, "input": f"{size.short_side}x{size.long_side}"}
 
 
-MEASURES = {"freemask": bench_freemask, "train_step": bench_train, "inference": bench_inference}
+MEASURES = {"freemask": bench_freemask, "train_step": bench_train, "train_breakdown": bench_train_breakdown,
+            "inference": bench_inference}
 
 
 def measure_one(spec: dict) -> dict:
@@ -229,6 +280,8 @@ def _row_text(r: dict) -> str:
     if "error" in r:
         return f"{r['device']:5} {r['size']:6} {r['what']:11} failed: {r['error']}"
     extra = f", {r['achieved_tflops'] * 1000:.1f} GFLOP/s" if "achieved_tflops" in r else ""
+    if "views_share" in r:
+        extra += " (" + ", ".join(f"{k[:-6]} {100 * r[k]:.0f}%" for k in r if k.endswith("_share")) + ")"
     return (f"{r['device']:5} {r['size']:6} {r['what']:11} {r['images_per_second']:8.2f} img/s, peak RSS "
             f"{r['peak_rss_mib']:.0f} MiB" + (f", GPU {r['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in r else "") + extra)
 
@@ -244,7 +297,10 @@ def table(bench: dict) -> str:
         gpu = f"{r['peak_gpu_mib']:.0f}" if "peak_gpu_mib" in r else "-"
         flops = f"{r['achieved_tflops'] * 1000:.1f}" if "achieved_tflops" in r else "-"
         share = f"{r['share_of_peak_bf16'] * 100:.1f}%" if "share_of_peak_bf16" in r else "-"
-        lines.append(f"| {r['device']} | {r['size']} ({r['input']}) | {r['what']} | {r['images_per_second']:.2f} | "
+        what = r["what"]
+        if "views_share" in r:  # the per-iteration breakdown, in percent of the iteration
+            what += ": " + ", ".join(f"{k[:-6].replace('_', ' ')} {100 * r[k]:.0f}%" for k in r if k.endswith("_share"))
+        lines.append(f"| {r['device']} | {r['size']} ({r['input']}) | {what} | {r['images_per_second']:.2f} | "
                      f"{r['peak_rss_mib']:.0f} | {gpu} | {flops} | {share} |")
     m = bench["machine"]
     lines += ["", f"Measured on: {m['cpu']}, {m['cores']} threads" + (f", {m['gpu']}" if "gpu" in m else "") +

@@ -95,6 +95,26 @@ def predict(inputs: list[str] = typer.Argument(..., help="Image files and/or fol
 
 
 @app.command()
+def seeds(seed: list[int] = typer.Option([0, 1, 2], "--seeds", help="Seeds to run (repeat the option)."),
+          set_param: list[str] = typer.Option([], "--set-param", "-S", help="Also set key=value in every run."),
+          out: str = typer.Option("metrics/seeds.json", help="Where to write the per-seed results and mean ± std."),
+          readme: Optional[str] = typer.Option(None, help="Also write the table into this README, between its "
+                                                          "seeds markers."),
+          target: list[str] = typer.Option([], "--target", help="Run only these stages and what they need "
+                                                                 "(e.g. evaluate@freesolo); repeat the option.")) -> None:
+    """Run the whole pipeline for several seeds (a DVC experiment queue) and summarise mean ± std."""
+    from efsolo import seeds as sd
+
+    def go() -> str:
+        text = sd.table(sd.run(list(seed), list(set_param), out, targets=list(target)))
+        if readme:
+            pipeline.replace_between_markers(readme, sd.README_START, sd.README_END, text)
+        return text
+
+    _run(go)
+
+
+@app.command()
 def profile(dataset: str = typer.Argument(..., help="coco | uvo | voc"),
             weights: str = typer.Option("", help="DenseCL ResNet-50 checkpoint (.pth, or detectron2 .pkl)."),
             coco_root: str = typer.Option("", help="coco, uvo: the COCO folder (train2017, unlabeled2017, val2017, "

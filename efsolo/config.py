@@ -186,7 +186,10 @@ class FreeSOLOParams:
     weight_decay: float = 0.0001
     warmup_iters: int = 1000
     warmup_factor: float = 0.01
+    lr_schedule: Literal["constant", "step", "cosine"] = "constant"
+    lr_steps: tuple[float, ...] = (0.67, 0.89)  # step schedule: lr x 0.1 at these fractions of iters
     clip_grad_norm: float = 35.0
+    ema_decay: float = 0.0  # > 0: the model is an exponential moving average of the weights
     gamma: float = 0.1
     mu: float = 0.4
     pairwise_weight: float = 1.0
@@ -202,6 +205,7 @@ class FreeSOLOParams:
     relabel_max: int = 20
     log_every: int = 20
     checkpoint_every: int = 500
+    eval_every: int = 0  # > 0: val segm AP / AP50 every N iterations into DVCLive (learning curves)
     test_short_side: int = 800
     test_max_side: int = 1333
     test_score_threshold: float = 0.1
@@ -218,6 +222,10 @@ class FreeSOLOParams:
                      "test_nms_pre", "test_max_per_image", "test_nms_sigma", "rounds", "relabel_max",
                      "pairwise_dilation"):
             _positive(k + name, getattr(self, name))
+        _non_negative(k + "eval_every", self.eval_every)
+        _check(0 <= self.ema_decay < 1, k + "ema_decay", "must be in [0, 1)", self.ema_decay)
+        _check(all(0 < f < 1 for f in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps),
+               k + "lr_steps", "must be increasing fractions of iters in (0, 1)", self.lr_steps)
         _check(len(self.grids) == 5 and all(g > 0 for g in self.grids), k + "grids",
                "must be 5 positive grid sizes (levels of stride 8, 8, 16, 32, 32)", self.grids)
         _check(len(self.scale_ranges) == 5 and all(0 <= lo < hi for lo, hi in self.scale_ranges), k + "scale_ranges",

@@ -37,12 +37,38 @@ def relabel(model_path: Path, records: list[dict], out_dir: Path, test: TestSett
     return out_dir / "train.json", out_dir / "train_embeddings.npz"
 
 
+def val_evaluator(val_manifest: Path, val_gt: Path, test: TestSettings, short_side: int, max_side: int,
+                  device: torch.device):
+    """A function model -> {"segm_AP", "segm_AP50"} (percent; bbox for box-only ground truth) on the
+    validation set, for learning curves during training; ``None`` when val has no ground truth."""
+    from efsolo.coco_format import read_json
+    from efsolo.evaluate import evaluate, iou_types
+
+    gt = read_json(val_gt)
+    if not gt.get("info", {}).get("has_ground_truth", True):
+        return None
+    records = load_manifest(val_manifest)
+    kind = iou_types(gt)[0]
+
+    def evaluator(model: torch.nn.Module) -> dict[str, float]:
+        results, _, _ = predict_records(model, records, short_side, max_side, test, device, desc="val curve")
+        metrics, _ = evaluate(gt, results)
+        return {f"{kind}_AP": round(100 * metrics[kind]["AP"], 2), f"{kind}_AP50": round(100 * metrics[kind]["AP50"], 2)}
+
+    return evaluator
+
+
 def run(*, labels: Path, embeddings: Path, val_manifest: Path, train_manifest: Path, model_path: Path,
         predictions_path: Path, stats_path: Path, work_dir: Path, live_dir: Path, rounds: int, relabel_score: float,
         relabel_max: int, test: TestSettings, test_short_side: int, test_max_side: int, device: torch.device,
-        **train_kwargs) -> dict:
-    """Train ``rounds`` rounds (each on the previous round's labels), then predict on val."""
+        val_gt: Path | None = None, **train_kwargs) -> dict:
+    """Train ``rounds`` rounds (each on the previous round's labels), then predict on val.
+
+    With ``eval_every`` > 0 among ``train_kwargs`` and a ``val_gt`` that has ground truth, val
+    segm AP and AP50 are logged during training (learning curves)."""
     stats: dict = {}
+    if train_kwargs.get("eval_every") and val_gt is not None and "evaluator" not in train_kwargs:
+        train_kwargs["evaluator"] = val_evaluator(val_manifest, val_gt, test, test_short_side, test_max_side, device)
     for r in range(1, rounds + 1):
         round_model = model_path if r == rounds else work_dir / f"round{r}.pt"
         stats[f"round{r}"] = train(labels=labels, embeddings=embeddings, out_path=round_model,

@@ -108,9 +108,10 @@ def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
                           focal_alpha=f.focal_alpha, focal_gamma=f.focal_gamma, centre_sigma=f.centre_sigma)
     return dict(backbone=BACKBONE, arch=arch, seed=p.seed, iters=f.iters, batch_size=f.batch_size, lr=f.lr,
                 momentum=f.momentum, weight_decay=f.weight_decay, warmup_iters=f.warmup_iters,
-                warmup_factor=f.warmup_factor, clip_grad_norm=f.clip_grad_norm, train_short_sides=f.train_short_sides, max_side=f.max_side,
+                warmup_factor=f.warmup_factor, lr_schedule=f.lr_schedule, lr_steps=f.lr_steps,
+                clip_grad_norm=f.clip_grad_norm, ema_decay=f.ema_decay, train_short_sides=f.train_short_sides, max_side=f.max_side,
                 losses=losses, scale_ranges=f.scale_ranges, copy_paste_prob=f.copy_paste_prob,
-                log_every=f.log_every, checkpoint_every=f.checkpoint_every)
+                log_every=f.log_every, checkpoint_every=f.checkpoint_every, eval_every=f.eval_every)
 
 
 def test_settings(p: Params):
@@ -133,7 +134,7 @@ def freesolo(p: Params) -> dict:
                   stats_path=METRICS_DIR / "train" / "freesolo.json", work_dir=FREESOLO_WORK_DIR, live_dir=FREESOLO_LIVE_DIR, rounds=f.rounds,
                   relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=test_settings(p),
                   test_short_side=f.test_short_side, test_max_side=f.test_max_side, device=resolve_device(p.device),
-                  **solo_training_kwargs(p, embeddings))
+                  val_gt=VAL_GT, **solo_training_kwargs(p, embeddings))
 
 
 def exemplars(p: Params) -> dict:
@@ -186,7 +187,7 @@ def exemplar_freesolo(p: Params) -> dict:
                   stats_path=METRICS_DIR / "train" / "exemplar_freesolo.json", work_dir=EFS_WORK_DIR,
                   live_dir=EFS_LIVE_DIR, rounds=1, relabel_score=f.relabel_score, relabel_max=f.relabel_max,
                   test=test_settings(p), test_short_side=f.test_short_side, test_max_side=f.test_max_side,
-                  device=resolve_device(p.device), extra_modules={"eec": EECModule(channels, e.upsample)},
+                  device=resolve_device(p.device), val_gt=VAL_GT, extra_modules={"eec": EECModule(channels, e.upsample)},
                   extra_loss=extra_loss, fingerprint_extra={"eec": to_dict(e), "pool": file_digest(POOL),
                                                             "freemask_ops": options}, **kwargs)
 

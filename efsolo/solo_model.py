@@ -169,7 +169,10 @@ class SOLO(nn.Module):
 
     def forward(self, x: torch.Tensor) -> SOLOOutput:
         """x (B, 3, H, W) normalised, H and W multiples of 32."""
-        c = self.trunk(x)
+        return self.forward_from_trunk(self.trunk(x))
+
+    def forward_from_trunk(self, c: dict[str, torch.Tensor]) -> SOLOOutput:
+        """The FPN, heads and mask branch over the trunk's features C2..C5."""
         ps = self.fpn([c["c2"], c["c3"], c["c4"], c["c5"]])
         level_feats = [F.interpolate(ps[0], scale_factor=0.5, mode="bilinear", align_corners=False), ps[1], ps[2],
                        ps[3], F.interpolate(ps[4], size=ps[3].shape[-2:], mode="bilinear", align_corners=False)]

@@ -9,6 +9,8 @@ Checkpoints every N iterations make a killed run resumable with the same result.
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -176,16 +178,82 @@ def _dist() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _lr_at(step: int, base: float, warmup_iters: int, warmup_factor: float) -> float:
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+def lr_at(step: int, base: float, iters: int, warmup_iters: int, warmup_factor: float, schedule: str = "constant",
+          steps: tuple[float, ...] = (), decay: float = 0.1) -> float:
+    """The learning rate of iteration ``step`` (0-based) of ``iters``.
+
+    Linear warm-up from ``warmup_factor * base`` over ``warmup_iters``, then ``constant`` (the
+    FreeSOLO release), ``step`` (times ``decay`` at each fraction of ``iters`` in ``steps``) or
+    ``cosine`` (from ``base`` at the end of warm-up down to 0 at ``iters``).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if schedule == "step":
+        lr = base * decay ** sum(step >= f * iters for f in steps)
+    elif schedule == "cosine" and step >= warmup_iters:
+        lr = base * 0.5 * (1 + math.cos(math.pi * (step - warmup_iters) / max(1, iters - warmup_iters)))
+    else:
+        lr = base
     if step >= warmup_iters:
-        return base
+        return lr
     alpha = step / max(1, warmup_iters)
-    return base * (warmup_factor * (1 - alpha) + alpha)
+    return lr * (warmup_factor * (1 - alpha) + alpha)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's floating-point weights and buffers.
+
+    ``update`` after each optimiser step: avg <- d * avg + (1 - d) * w with
+    d = min(decay, (1 + t) / (10 + t)), so early updates follow the weights closely.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay, self.updates = decay, 0
+        self.avg = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if k in self.avg:
+                self.avg[k].mul_(d).add_(v.detach(), alpha=1 - d)
+
+    def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A copy of ``model`` holding the averaged weights."""
+        out = copy.deepcopy(model)
+        out.load_state_dict({**model.state_dict(), **self.avg})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "avg": self.avg}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.avg = {k: v.clone() for k, v in state["avg"].items()}
+
+
+def epoch_order(n: int, seed: int, step: int, batch_size: int) -> torch.Tensor:
+    """The (batch_size,) image indices of iteration ``step``: the images in a seeded random order,
+    epoch after epoch, each epoch a new order; every image is seen once an epoch. A function of
+    its arguments only, so a resumed run draws the same batches."""
+    first = step * batch_size
+    out = []
+    for epoch in range(first // n, (first + batch_size - 1) // n + 1):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        lo, hi = max(first - epoch * n, 0), min(first + batch_size - epoch * n, n)
+        out.append(perm[lo:hi])
+    return torch.cat(out)
 
 
 # extra_loss(model, out, images, masks, step, rows, total): rows (B,) are the global indices of
 # this process's views among the ``total`` views of the global batch
 ExtraLoss = Callable[..., dict[str, torch.Tensor]]
+# evaluate(model) -> named validation metrics (e.g. segm AP), logged every ``eval_every`` iterations
+Evaluator = Callable[[SOLO], dict[str, float]]
 
 
 class _TrainStep(torch.nn.Module):
@@ -210,14 +278,19 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
           lr: float, momentum: float, weight_decay: float, warmup_iters: int, warmup_factor: float, clip_grad_norm: float,
           train_short_sides: tuple[int, ...], max_side: int, losses: LossSettings,
           scale_ranges: tuple[tuple[float, float], ...], copy_paste_prob: float, log_every: int,
-          checkpoint_every: int, device: torch.device, label_min_score: float = 0.0, label_max_per_image: int = 100,
+          checkpoint_every: int, device: torch.device, lr_schedule: str = "constant", lr_steps: tuple[float, ...] = (),
+          eval_every: int = 0, evaluator: Evaluator | None = None, ema_decay: float = 0.0, label_min_score: float = 0.0, label_max_per_image: int = 100,
           extra_modules: dict[str, torch.nn.Module] | None = None, extra_loss: ExtraLoss | None = None,
           fingerprint_extra: dict | None = None, log_prefix: str = "train") -> dict:
     """Train a SOLO network on pseudo-labels and write ``out_path``.
 
     ``extra_modules`` are trained alongside the network (e.g. the EEC projection) and passed,
     as ``model.extra``, to ``extra_loss(model, out, images, masks, step, rows, total)``, whose
-    ``total`` is added to the loss and whose other entries are logged.
+    ``total`` is added to the loss and whose other entries are logged. With ``eval_every`` > 0,
+    ``evaluator(model)`` runs every that many iterations (and at the end) on rank 0 and its
+    metrics are logged as ``<log_prefix>/val/<name>`` with the elapsed training seconds.
+    With ``ema_decay`` > 0 an exponential moving average of the weights is kept (decay
+    min(ema_decay, (1 + t) / (10 + t)) at update t); it is what is evaluated and saved.
     """
     rank, world, local = _dist()
     if world > 1 and not dist.is_initialized():
@@ -237,7 +310,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     fp = resume.fingerprint(arch=asdict(arch), seed=seed, iters=iters, batch_size=batch_size, lr=lr,
-                            momentum=momentum, weight_decay=weight_decay, warmup=(warmup_iters, warmup_factor), clip=clip_grad_norm,
+                            momentum=momentum, weight_decay=weight_decay, warmup=(warmup_iters, warmup_factor),
+                            schedule=(lr_schedule, tuple(lr_steps)), clip=clip_grad_norm, ema=ema_decay,
                             sides=train_short_sides, max_side=max_side, losses=asdict(losses), ranges=scale_ranges,
                             copy_paste=copy_paste_prob, world=world, labels=resume.file_digest(labels),
                             backbone=resume.file_digest(backbone), extra=fingerprint_extra or {})
@@ -245,8 +319,11 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     g_dev = torch.Generator(device=device).manual_seed(seed + 1)
     ckpt_path = Path(ckpt_dir) / "last.pt"
     start = 0
+    ema = WeightAverage(model, ema_decay) if ema_decay > 0 else None
     if (ck := resume.load_checkpoint(ckpt_path, fp)) is not None:
         model.load_state_dict(ck["model"])
+        if ema is not None:
+            ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
         g_cpu.set_state(ck["g_cpu"])
         g_dev.set_state(ck["g_dev"])
@@ -263,12 +340,12 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     model.train()
     bad = torch.zeros((), dtype=torch.bool, device=device)
     logs: dict[str, torch.Tensor] = {}
-    t0, seen = time.time(), 0
+    t0, seen, t_eval = time.time(), 0, 0.0
     bar = tqdm(range(start, iters), desc=log_prefix, initial=start, total=iters, disable=None if rank == 0 else True)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, lr, warmup_iters, warmup_factor)
-        idx = torch.randint(len(data), (batch_size,), generator=g_cpu)
+            group["lr"] = lr_at(step, lr, iters, warmup_iters, warmup_factor, lr_schedule, lr_steps)
+        idx = epoch_order(len(data), seed, step, batch_size)
         flips = (torch.rand(batch_size, generator=g_cpu) < 0.5).tolist()
         side = train_short_sides[int(torch.randint(len(train_short_sides), (1,), generator=g_cpu))]
         mine = list(range(rank, batch_size, world))  # this process's share of the global batch
@@ -295,6 +372,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
         if clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
         opt.step()
+        if ema is not None:
+            ema.update(model)
         seen += batch_size
         logs = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items() if k != "total"}}
         at_log = (step + 1) % log_every == 0 or step + 1 == iters
@@ -303,18 +382,31 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             if bool(bad):
                 raise TrainingError(f"{log_prefix}: non-finite loss before iteration {step + 1}; stopped, the last "
                                     f"good checkpoint is kept in {ckpt_path}")
-        if at_log and live is not None:
+        at_eval = evaluator is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or step + 1 == iters)
+        if (at_log or at_eval) and live is not None:
             live.step = step + 1
-            for k, v in logs.items():
-                live.log_metric(f"{log_prefix}/{k}", float(v))
-            live.log_metric(f"{log_prefix}/lr", opt.param_groups[0]["lr"])
+            if at_log:
+                for k, v in logs.items():
+                    live.log_metric(f"{log_prefix}/{k}", float(v))
+                live.log_metric(f"{log_prefix}/lr", opt.param_groups[0]["lr"])
+                bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+            if at_eval:
+                t1 = time.time()
+                shown = ema.averaged(model) if ema is not None else model
+                shown.eval()
+                val = evaluator(shown)
+                model.train()
+                t_eval += time.time() - t1
+                for k, v in val.items():
+                    live.log_metric(f"{log_prefix}/val/{k}", float(v))
+                # training seconds so far (evaluation excluded): AP against time as well as iterations
+                live.log_metric(f"{log_prefix}/val/train_seconds", round(time.time() - t0 - t_eval, 1))
             live.next_step()
-            bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
         if at_ckpt and rank == 0:
             resume.save_checkpoint(ckpt_path, fp, step + 1, {
                 "model": model.state_dict(), "opt": opt.state_dict(), "g_cpu": g_cpu.get_state(),
-                "g_dev": g_dev.get_state()})
-    seconds = time.time() - t0
+                "g_dev": g_dev.get_state(), **({"ema": ema.state_dict()} if ema is not None else {})})
+    seconds = time.time() - t0 - t_eval
     stats = {"iters": iters, "seconds": round(seconds, 1), "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
              "final": {k: round(float(v), 4) for k, v in logs.items()}}
     if device.type == "cuda":
@@ -324,7 +416,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             live.end()
         # deterministic metadata only (timings are in the stage's metrics), so identical
         # weights give an identical file and DVC does not re-run what depends on it
-        save_model(out_path, model, {"fingerprint": fp, "iters": iters,
+        save_model(out_path, ema.averaged(model) if ema is not None else model, {"fingerprint": fp, "iters": iters,
                                      "input_size": [max(train_short_sides), max_side]})
     if world > 1:
         dist.barrier()

@@ -113,9 +113,12 @@ def copy_paste(images: torch.Tensor, masks: list[torch.Tensor], embeds: list[tor
     """Paste instances of image (b + 1) mod B into image b, in place on the same canvas.
 
     images (B, 3, H, W); masks[b] (N_b, H, W) bool; embeds[b] (N_b, D). Each source instance is
-    pasted with probability ``prob`` unless at least ``max_overlap`` of it covers the target's
-    existing masks; existing masks are cut by what is pasted over them (and dropped if nothing
-    is left). Returns new images, masks and embeddings (pasted instances appended).
+    drawn with probability ``prob``; as in the FreeSOLO release, a drawn instance that would cover
+    ``max_overlap`` or more of an existing instance is not pasted. Masks are cut by what is
+    painted over them (existing ones by the pastes, pasted ones by later pastes), and a mask
+    left with less than ``1 - max_overlap`` of its area is no longer a target: a sliver of a
+    hidden object is not an instance to learn. Returns new images, masks and embeddings
+    (pasted instances appended).
     """
     b = images.shape[0]
     if b < 2 or prob <= 0:
@@ -129,10 +132,13 @@ def copy_paste(images: torch.Tensor, masks: list[torch.Tensor], embeds: list[tor
             out_masks.append(own_m)
             out_embeds.append(own_e)
             continue
-        existing = own_m.any(0) if own_m.shape[0] else torch.zeros_like(src_m[0])
-        covered = (src_m & existing).flatten(1).sum(1).float() / src_m.flatten(1).sum(1).clamp_min(1).float()
-        chosen = (torch.rand(src_m.shape[0], generator=g, device=src_m.device) < prob) & (covered < max_overlap)
-        pasted_m, pasted_e = src_m[chosen], src_e[chosen]
+        drawn = torch.rand(src_m.shape[0], generator=g, device=src_m.device) < prob
+        if own_m.shape[0]:
+            # (S, N): the share of each existing instance that each source instance would cover
+            inter = torch.einsum("shw,nhw->sn", src_m.float(), own_m.float())
+            covers = inter / own_m.flatten(1).sum(1).clamp_min(1).float()
+            drawn &= covers.amax(1) < max_overlap
+        pasted_m, pasted_e = src_m[drawn], src_e[drawn]
         if pasted_m.shape[0] == 0:
             out_masks.append(own_m)
             out_embeds.append(own_e)
@@ -141,10 +147,17 @@ def copy_paste(images: torch.Tensor, masks: list[torch.Tensor], embeds: list[tor
         out_images[i] = torch.where(union.unsqueeze(0), images[j], images[i])
         # later pasted instances occlude earlier pasted ones, as painted
         occl = torch.flip(torch.cumsum(torch.flip(pasted_m.int(), [0]), 0), [0]) - pasted_m.int()
-        pasted_m = pasted_m & (occl == 0)
+        cut_p = pasted_m & (occl == 0)
         cut = own_m & ~union
-        keep = cut.flatten(1).any(1)
-        keep_p = pasted_m.flatten(1).any(1)
-        out_masks.append(torch.cat([cut[keep], pasted_m[keep_p]]))
+        keep = _mostly_visible(cut, own_m, max_overlap)
+        keep_p = _mostly_visible(cut_p, pasted_m, max_overlap)
+        out_masks.append(torch.cat([cut[keep], cut_p[keep_p]]))
         out_embeds.append(torch.cat([own_e[keep], pasted_e[keep_p]]))
     return out_images, out_masks, out_embeds
+
+
+def _mostly_visible(cut: torch.Tensor, whole: torch.Tensor, max_overlap: float) -> torch.Tensor:
+    """(N,) True where a cut mask keeps more than ``1 - max_overlap`` of its whole (and is not empty).
+    cut, whole (N, H, W) bool."""
+    left = cut.flatten(1).sum(1).float()
+    return (left > 0) & (left > (1 - max_overlap) * whole.flatten(1).sum(1).float())

@@ -22,7 +22,7 @@ OVERRIDES = {
     "freemask": {"short_side": 64, "max_side": 64, "score_threshold": 0.5},
     "freesolo": {"fpn_channels": 16, "head_channels": 16, "head_convs": 1, "mask_channels": 16, "kernel_dim": 8,
                  "grids": [8, 6, 4, 3, 2], "train_short_sides": [64], "max_side": 64, "iters": 2, "batch_size": 2,
-                 "warmup_iters": 1, "pairwise_warmup": 1, "log_every": 1, "checkpoint_every": 1,
+                 "warmup_iters": 1, "pairwise_warmup": 1, "log_every": 1, "checkpoint_every": 1, "eval_every": 1,
                  "test_short_side": 64, "test_max_side": 64, "test_score_threshold": 0.0},
     "exemplar": {"num_images": 4, "grabcut_iterations": 2, "refine_min_overlap": 0.0},
     "eec": {"alpha": 0.5, "beta": 0.4, "exemplar_short_side": 64, "exemplar_max_side": 64},
@@ -67,6 +67,9 @@ def test_repro_produces_metrics_and_is_then_up_to_date(repo):
     assert set(metrics["segm"]) >= {"AP", "AP50", "AR100"} and 0 <= metrics["segm"]["AP"] <= 1
     assert (repo / "metrics" / "pr" / "freemask" / "segm.csv").exists()
     assert (repo / "dvclive" / "backbone" / "metrics.json").exists()
+    for model in ("freesolo", "exemplar_freesolo"):  # learning curves (freesolo.eval_every = 1)
+        curve = (repo / "dvclive" / model / "plots" / "metrics" / "train" / "val" / "segm_AP.tsv").read_text()
+        assert [line.split()[0] for line in curve.splitlines()] == ["step", "1", "2"]
     labels = json.loads((repo / "pseudo" / "freemask" / "train.json").read_text())
     assert len(labels["images"]) == 12
     for model in ("freesolo", "exemplar_freesolo"):
@@ -135,6 +138,7 @@ def test_plots_show_gives_one_html_report_with_every_plot(repo, tmp_path):
     _sh(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
     for needle in ("reports_overlays_", "exemplars_pool_sheet_png", "freesolo mask precision-recall",
+                   "val segm AP (percent) against training iterations",
                    "dvclive/freesolo/plots/metrics/train/max_proj.tsv",
                    "dvclive/backbone/plots/metrics/pretrain/loss.tsv"):
         assert needle in html, needle

@@ -18,6 +18,7 @@ def test_paper_profile_for_coco_has_the_papers_settings(tmp_path):
     assert (s.batch_size, s.lr, s.gamma, s.mu, s.test_short_side, s.grids) == (8, 0.001, 0.1, 0.4, 800,
                                                                                (40, 36, 24, 16, 12))
     assert (e.weight, e.tau, e.alpha, e.beta) == (1.3, 0.02, 0.8, 0.3)
+    assert (s.lr_schedule, s.warmup_iters, s.eval_every) == ("constant", 1000, 0)  # the release's; no val curves
 
 
 def test_uvo_and_voc_profiles(tmp_path):

@@ -48,8 +48,9 @@ def _weights(path):
     return load_model(path).state_dict()
 
 
-def test_resume_after_interrupt_matches_uninterrupted_run(tiny, monkeypatch):
-    stats = train(**_kwargs(tiny, "straight"))
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_after_interrupt_matches_uninterrupted_run(tiny, monkeypatch, ema_decay):
+    stats = train(**_kwargs(tiny, "straight", ema_decay=ema_decay))
     assert stats["iters"] == 4 and np.isfinite(stats["final"]["loss"])
     saved = resume.save_checkpoint
 
@@ -59,12 +60,71 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tiny, monkeypatch):
 
     monkeypatch.setattr(resume, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(**_kwargs(tiny, "resumed"))
+        train(**_kwargs(tiny, "resumed", ema_decay=ema_decay))
     monkeypatch.setattr(resume, "save_checkpoint", saved)
-    train(**_kwargs(tiny, "resumed"))
+    train(**_kwargs(tiny, "resumed", ema_decay=ema_decay))
     a, b = _weights(tiny / "straight.pt"), _weights(tiny / "resumed.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tiny / "live_straight" / "metrics.json").exists()
+
+
+def test_val_curve_is_logged_and_leaves_the_training_unchanged(tiny):
+    """eval_every logs the evaluator's metrics with the training seconds; evaluating in between
+    draws no random numbers and touches no weights, so the trained weights are the same."""
+    calls = []
+
+    def evaluator(model):
+        assert not model.training
+        calls.append(1)
+        return {"segm_AP": 1.5 * len(calls)}
+
+    train(**_kwargs(tiny, "no_curve", copy_paste_prob=0.0))
+    train(**_kwargs(tiny, "curve", copy_paste_prob=0.0, eval_every=3, evaluator=evaluator))
+    assert len(calls) == 2  # iteration 3 and the last (4)
+    a, b = _weights(tiny / "no_curve.pt"), _weights(tiny / "curve.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tiny / "live_curve" / "plots" / "metrics" / "train" / "val" / "segm_AP.tsv").read_text().split()
+    assert rows[-4:] == ["3", "1.5", "4", "3.0"]
+    assert (tiny / "live_curve" / "plots" / "metrics" / "train" / "val" / "train_seconds.tsv").exists()
+
+
+def test_weight_average_follows_early_then_averages():
+    from efsolo.train import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = WeightAverage(model, 0.5)
+    torch.nn.init.ones_(model.weight)
+    ema.update(model)  # decay min(0.5, 2 / 11)
+    assert ema.averaged(model).weight.item() == pytest.approx(9 / 11) and model.weight.item() == 1.0
+    for _ in range(20):
+        ema.update(model)
+    torch.nn.init.zeros_(model.weight)
+    ema.update(model)  # decay 0.5 by now
+    assert ema.averaged(model).weight.item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_lr_schedules():
+    from efsolo.train import lr_at
+
+    assert lr_at(0, 1.0, 100, 10, 0.01) == pytest.approx(0.01) and lr_at(5, 1.0, 100, 10, 0.01) == pytest.approx(0.505)
+    assert lr_at(50, 1.0, 100, 10, 0.01) == 1.0 == lr_at(99, 1.0, 100, 10, 0.01)  # constant (the release)
+    assert lr_at(10, 1.0, 100, 10, 0.01, "cosine") == 1.0
+    assert lr_at(55, 1.0, 100, 10, 0.01, "cosine") == pytest.approx(0.5)
+    assert lr_at(100, 1.0, 100, 10, 0.01, "cosine") == pytest.approx(0.0, abs=1e-12)
+    steps = [lr_at(s, 1.0, 100, 10, 0.01, "step", (0.5, 0.8)) for s in (49, 50, 79, 80)]
+    assert steps == pytest.approx([1.0, 0.1, 0.1, 0.01])
+    with pytest.raises(ValueError):
+        lr_at(0, 1.0, 100, 10, 0.01, "linear")
+
+
+def test_epoch_order_sees_every_image_once_an_epoch():
+    from efsolo.train import epoch_order
+
+    seen = torch.cat([epoch_order(10, 3, s, 4) for s in range(5)])  # 20 draws: two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) == sorted(seen[10:].tolist())
+    assert not torch.equal(seen[:10], seen[10:])  # a new order each epoch
+    assert torch.equal(epoch_order(10, 3, 2, 4), seen[8:12])  # a function of its arguments (resume)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch):

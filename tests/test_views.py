@@ -30,3 +30,19 @@ def test_copy_paste_cuts_occluded_masks_and_drops_overlapping_pastes():
     # and nothing changes when nothing is pasted
     images, masks, embeds = copy_paste(img, [m0, m1], [e0, e1], torch.Generator().manual_seed(0), prob=0.0)
     assert torch.equal(images, img) and torch.equal(masks[0], m0)
+
+
+def test_copy_paste_drops_what_pastes_mostly_hide():
+    img = torch.zeros(2, 3, 10, 10)
+    own = torch.zeros(1, 10, 10, dtype=torch.bool)
+    own[0, 0:5, 0:2] = True  # 10 pixels
+    src = torch.zeros(3, 10, 10, dtype=torch.bool)
+    src[0, 0:2, 0:6] = True  # covers 4 of 10 (< 0.5): pasted
+    src[1, 3:5, 0:6] = True  # covers 4 of 10: pasted; together they hide 8 of 10 -> the existing one goes
+    src[2, 6:10, 6:10] = True  # elsewhere
+    src[2, 6:10, 5] = True
+    images, masks, embeds = copy_paste(img, [own, src], [torch.zeros(1, 2), torch.arange(6.0).view(3, 2)],
+                                       torch.Generator().manual_seed(0), prob=1.0)
+    assert masks[0].shape[0] == 3  # the existing sliver is no longer a target; the three pastes are
+    assert torch.equal(embeds[0], torch.arange(6.0).view(3, 2))
+    assert not (masks[0] & own).any(1).any(1)[2] and masks[0][0].sum() == 12

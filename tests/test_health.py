@@ -1,0 +1,80 @@
+"""The training health check: with the demo's own settings (params.yaml), training fits one fixed
+batch of demo images and their Free Mask pseudo-labels. Every mask term must fall by a margin,
+the predicted masks' IoU with the pseudo masks must rise, and the masks must not collapse to
+constants (which satisfy the pairwise term trivially while the projection terms get worse).
+It must hold at the demo's learning rate and at twice it: a schedule on the edge of
+divergence gives a different outcome on every machine and seed (the committed lr of 0.01
+fitted the batch, but at 0.02 the average projection did not move).
+
+The images, the backbone and the pseudo-labels come from the pipeline's own stages at the
+demo's settings (the same pretraining), on 32 training images instead of 320: a random trunk
+with ground-truth masks does not show the failure; the self-supervised one with Free Mask's
+large masks does.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from efsolo import pipeline, resume
+from efsolo.config import params_from_dict
+from efsolo.health import mask_fit
+from efsolo.pseudo_labels import PseudoLabelSet, make_batch
+from efsolo.train import build_model, load_model, train
+
+REPO = Path(__file__).resolve().parents[1]
+ITERS = 60
+IMAGES = 4
+
+
+@pytest.fixture(scope="module")
+def demo_like(tmp_path_factory):
+    """(params, working folder) after the data, backbone and freemask stages on a smaller demo."""
+    root = tmp_path_factory.mktemp("health")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["device"] = "cpu"
+    raw["data"]["synthetic"].update(num_train=32, num_val=4)
+    p = params_from_dict(raw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        pipeline.data(p)
+        pipeline.backbone(p)
+        pipeline.freemask(p)
+    return p, root
+
+
+@pytest.mark.parametrize("lr_factor", [1, 2])
+def test_demo_training_settings_fit_one_fixed_batch(demo_like, monkeypatch, lr_factor):
+    p, root = demo_like
+    monkeypatch.chdir(root)
+    labels, emb = pipeline.FREEMASK_DIR / "train.json", pipeline.FREEMASK_DIR / "train_embeddings.npz"
+    data = PseudoLabelSet(labels, emb)
+    chosen = [i for i in range(len(data)) if data.load(i)[1].shape[0]][:IMAGES]
+    assert len(chosen) == IMAGES, "Free Mask found objects on too few images"
+    # the batch is the whole training set: every iteration trains on the same images (views vary)
+    subset = root / "subset.json"
+    full = json.loads(labels.read_text())
+    ids = {data.images[i]["id"] for i in chosen}
+    full["images"] = [r for r in full["images"] if r["id"] in ids]
+    full["annotations"] = [a for a in full["annotations"] if a["image_id"] in ids]
+    subset.write_text(json.dumps(full))
+    kw = pipeline.solo_training_kwargs(p, emb)
+    kw.update(iters=ITERS, batch_size=IMAGES, log_every=ITERS, checkpoint_every=ITERS, lr=kw["lr"] * lr_factor)
+    batch = make_batch([data.load(i) for i in chosen], max(kw["train_short_sides"]), kw["max_side"], [False] * IMAGES)
+    resume.seed_everything(kw["seed"])  # the initial network train() starts from
+    before = mask_fit(build_model(kw["arch"], kw["backbone"]), batch, kw["scale_ranges"], kw["losses"], 10**9)
+    out = root / f"fit_lr{lr_factor}"
+    train(labels=subset, embeddings=emb, out_path=out / "model.pt", ckpt_dir=out / "ckpt", live_dir=out / "live",
+          device=torch.device("cpu"), **kw)
+    after = mask_fit(load_model(out / "model.pt"), batch, kw["scale_ranges"], kw["losses"], 10**9)
+
+    report = {k: (round(before[k], 3), round(after[k], 3)) for k in ("max_proj", "avg_proj", "pairwise", "iou", "spread")}
+    print(f"health check at {lr_factor} x lr (before, after):", report)
+    assert before["positives"] > 0, report
+    assert after["max_proj"] < 0.7 * before["max_proj"], report
+    assert after["avg_proj"] < 0.7 * before["avg_proj"], report
+    assert after["pairwise"] < 0.9 * before["pairwise"], report
+    assert after["iou"] > before["iou"] + 0.15, report
+    assert after["spread"] > 0.15, report  # not near-constant masks

@@ -1,0 +1,38 @@
+"""Seeds summary: metrics read back from `dvc exp show --json`, mean and sample std per model."""
+import pytest
+
+from efsolo.seeds import experiment_metrics, summarise, table
+
+
+def _exp(name, stamp, ap):
+    blob = {"segm": {"AP": ap, "AP50": 2 * ap, "AR100": 0.3}, "bbox": {"AP": ap / 2, "AP50": ap}}
+    return {"rev": "x", "name": name, "data": {"timestamp": stamp, "metrics": {
+        "metrics/freesolo.json": {"data": blob}, "metrics/freemask.json": {"data": blob},
+        "metrics/train/freesolo.json": {"data": {"round1": {}}},
+        "metrics/exemplar_freesolo.json": {"error": {"type": "FileNotFoundError"}}}}, "experiments": None}
+
+
+SHOW = [{"rev": "workspace", "name": None, "data": {"metrics": {}}, "experiments": None},
+        {"rev": "c0", "name": "main", "data": {"metrics": {}}, "experiments": [
+            {"revs": [_exp("seed-0", "2026-01-01T00:00:00", 0.10)]},
+            {"revs": [_exp("seed-1", "2026-01-01T00:00:00", 0.20)]},
+            {"revs": [_exp("seed-1", "2026-01-02T00:00:00", 0.14)]},  # a later run of the same name wins
+            {"revs": [_exp("other", "2026-01-03T00:00:00", 0.99)]}]}]
+
+
+def test_experiment_metrics_takes_the_named_and_newest_runs():
+    found = experiment_metrics(SHOW, ["seed-0", "seed-1"])
+    assert set(found) == {"seed-0", "seed-1"}
+    assert set(found["seed-0"]) == {"freesolo", "freemask"}  # training stats and errors are not model metrics
+    assert found["seed-1"]["freesolo"]["segm"]["AP"] == 0.14
+
+
+def test_summarise_gives_percent_per_seed_and_mean_with_sample_std():
+    found = experiment_metrics(SHOW, ["seed-0", "seed-1"])
+    result = summarise({0: found["seed-0"], 1: found["seed-1"]})
+    assert result["seeds"]["0"]["freesolo"]["segm AP"] == 10.0
+    s = result["summary"]["freesolo"]["segm AP"]
+    assert s["mean"] == 12.0 and s["std"] == pytest.approx(2.83, abs=0.01) and s["n"] == 2
+    assert "exemplar_freesolo" not in result["summary"]
+    text = table(result)
+    assert "| freesolo | mean ± std | 12.0 ± 2.8 |" in text and text.count("\n") == 1 + 2 * 3
