@@ -63,11 +63,13 @@ def experiment_metrics(show: list | dict, names: list[str]) -> dict[str, dict[st
 
 
 def summarise(per_seed: dict[int, dict[str, dict]]) -> dict:
-    """Per seed {model: {"segm AP": percent, ...}} and, per model and figure, mean and sample std."""
+    """Per seed {model: {"segm AP": percent, ...}} and, per model and figure, mean and sample std.
+    Only models that every seed has are kept (a run limited to some stages lacks the others)."""
+    common = [m for m in MODELS if all(m in models for models in per_seed.values())]
     rows: dict[int, dict[str, dict[str, float]]] = {}
     for seed, models in sorted(per_seed.items()):
         rows[seed] = {m: {f"{t} {k}": round(100 * models[m][t][k], 2) for t, k in KEYS
-                          if t in models.get(m, {}) and k in models[m][t]} for m in MODELS if m in models}
+                          if t in models[m] and k in models[m][t]} for m in common}
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for m in MODELS:
         figures = sorted({f for r in rows.values() for f in r.get(m, {})})
@@ -122,7 +124,13 @@ def run(seeds: list[int], overrides: list[str], out: str | Path = "metrics/seeds
         print(f"seed {', '.join(map(str, known))}: the workspace's results (dvc status: up to date)")
     names = [f"seed-{s}" for s in seeds if s not in known]
     found = _run_queue(names, overrides, poll, targets or []) if names else {}
-    result = summarise({**known, **{int(n.split("-", 1)[1]): found[n] for n in names}})
+    per_seed = {**known, **{int(n.split("-", 1)[1]): found[n] for n in names}}
+    # a run limited to some evaluations carries the other models' metrics files unchanged from
+    # the commit it started from: keep only the models it evaluated
+    evaluated = [t.split("@", 1)[1] for t in targets or [] if t.startswith("evaluate@")]
+    if evaluated:
+        per_seed = {s: {m: v for m, v in models.items() if m in evaluated} for s, models in per_seed.items()}
+    result = summarise(per_seed)
     result["overrides"] = overrides
     atomic.write_json(out, result, indent=1)
     return result

@@ -34,5 +34,7 @@ def test_summarise_gives_percent_per_seed_and_mean_with_sample_std():
     s = result["summary"]["freesolo"]["segm AP"]
     assert s["mean"] == 12.0 and s["std"] == pytest.approx(2.83, abs=0.01) and s["n"] == 2
     assert "exemplar_freesolo" not in result["summary"]
+    only_one = summarise({0: found["seed-0"], 1: {"freesolo": found["seed-1"]["freesolo"]}})
+    assert set(only_one["summary"]) == {"freesolo"}  # models that every seed has
     text = table(result)
     assert "| freesolo | mean ± std | 12.0 ± 2.8 |" in text and text.count("\n") == 1 + 2 * 3
