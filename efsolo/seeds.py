@@ -1,7 +1,7 @@
 """Seeds: the whole pipeline under seeds 0, 1, 2, ... as a DVC experiment queue, summarised.
 
     efsolo seeds                 # dvc exp run --queue -S seed=N (N = 0 1 2), dvc queue start, wait
-    efsolo seeds --seeds 0 1 2 3 -S freesolo.iters=400
+    efsolo seeds --seeds 0 --seeds 1 --seeds 2 --seeds 3 -S freesolo.iters=400
 
 Each seed re-runs every stage that reads ``seed`` (the synthetic data, pretraining, Free Mask,
 both trainings), in DVC's queue, one after the other, as experiments named ``seed-N``. The
@@ -150,8 +150,8 @@ def _run_queue(names: list[str], overrides: list[str], poll: float, targets: lis
         subprocess.run(["dvc", "queue", "logs", "--follow", name])
     while any(w in _dvc("queue", "status") for w in ("Queued", "Running")):
         time.sleep(poll)
-    failed = [n for n in names for line in _dvc("queue", "status").splitlines()
-              if line.split()[:1] and n in line.split() and "Failed" in line]
+    status = _dvc("queue", "status").splitlines()
+    failed = [n for n in names if any(n in line.split() and "Failed" in line for line in status)]
     found = experiment_metrics(json.loads(_dvc("exp", "show", "--json")), names)
     missing = [n for n in names if n not in found]
     if failed or missing:
