@@ -1,6 +1,7 @@
 # make setup: create .venv if missing and install efsolo with its dependencies (idempotent)
 # make demo:  setup, then the whole DVC pipeline on the embedded demo data, then the results table
-#             (printed, and written into README.md between its results markers)
+#             (printed; tracked files are left alone)
+# make readme: (maintainers) write the current results table into README.md between its markers
 # make test:  setup, then the test suite
 # make seeds: setup, then the whole pipeline for seeds 0, 1, 2 as a DVC experiment queue; writes
 #             metrics/seeds.json (per seed, and mean ± std) and prints the table
@@ -11,7 +12,7 @@ PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test seeds clean
+.PHONY: setup demo readme test seeds clean
 
 setup: $(VENV)/.efsolo-installed
 
@@ -23,6 +24,9 @@ $(VENV)/.efsolo-installed: pyproject.toml
 
 demo: setup
 	dvc repro
+	efsolo table
+
+readme: setup
 	efsolo table --readme README.md
 
 test: setup

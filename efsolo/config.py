@@ -251,8 +251,11 @@ class ExemplarParams:
     grabcut_iterations: int = 5
     crop_margin: float = 0.1
     refine_min_overlap: float = 0.5
+    refine_fallback: Literal["grabcut", "none"] = "grabcut"  # a crop no FreeSOLO mask fits: its GrabCut mask
+    min_pool: int = 8  # exemplar_freesolo stops when the pool holds fewer exemplars
 
     def __post_init__(self) -> None:
+        _non_negative("exemplar.min_pool", self.min_pool)
         _positive("exemplar.num_images", self.num_images)
         _check(0 <= self.grabcut_rect_margin < 0.5, "exemplar.grabcut_rect_margin", "must be in [0, 0.5)",
                self.grabcut_rect_margin)
@@ -263,12 +266,15 @@ class ExemplarParams:
 
 @dataclass(frozen=True)
 class EECParams:
-    """Exemplar embedding contrastive module (paper section 3.4); paper defaults."""
+    """Exemplar embedding contrastive module (paper section 3.4); paper defaults, except where the
+    paper read literally cannot train: the temperature (at the paper's 0.02 a used image's loss
+    is capped at log(1 + exp(-(alpha - beta) / tau)) = 1.4e-11), centring and the exemplar view
+    (README, "Exemplars and the EEC loss")."""
 
     weight: float = 1.3
     alpha: float = 0.8
     beta: float = 0.3
-    tau: float = 0.02
+    tau: float = 0.5  # paper: 0.02, which caps a used image's loss at 1.4e-11 (README): no gradient
     granularity: Literal["image", "instance"] = "image"
     max_instances: int = 5
     feature_level: Literal["c3", "c4", "c5"] = "c5"
@@ -276,9 +282,18 @@ class EECParams:
     pool_refresh: int = 0
     exemplar_short_side: int = 800
     exemplar_max_side: int = 1333
+    exemplar_view: Literal["scene", "crop"] = "scene"  # crop: the masked crop on black (paper as read)
+    logits: Literal["cosine", "projection"] = "cosine"  # the selecting cosines / tau (paper) | a projection head's
+    centre: bool = True  # select on cosines of features centred on the pool's mean
+    proj_dim: int = 128  # the projection head's output size (logits: projection)
+    proj_tau: float = 0.2  # its temperature
+    start_iter: int = 0  # 0: from scratch (paper); N: from FreeSOLO's state after N iterations
 
     def __post_init__(self) -> None:
         _non_negative("eec.weight", self.weight)
+        _positive("eec.proj_dim", self.proj_dim)
+        _positive("eec.proj_tau", self.proj_tau)
+        _non_negative("eec.start_iter", self.start_iter)
         _check(-1 <= self.beta < self.alpha <= 1, "eec.alpha",
                f"must be greater than eec.beta ({self.beta}) and both in [-1, 1]", self.alpha)
         _positive("eec.tau", self.tau)
@@ -314,6 +329,10 @@ class Params:
     exemplar: ExemplarParams = field(default_factory=ExemplarParams)
     eec: EECParams = field(default_factory=EECParams)
     report: ReportParams = field(default_factory=ReportParams)
+
+    def __post_init__(self) -> None:
+        _check(self.eec.start_iter < self.freesolo.iters, "eec.start_iter",
+               f"must be less than freesolo.iters ({self.freesolo.iters})", self.eec.start_iter)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -88,6 +88,7 @@ def run_crops(train_manifest: str | Path, out_dir: str | Path, num_images: int, 
         atomic.write_image(out_dir / "crops" / f"{name}.png", crop)
         atomic.write_image(out_dir / "crops" / f"{name}_coarse.png", coarse.astype(np.uint8) * 255)
         crops.append({"id": len(crops), "image_id": rec["id"], "source": rec["file_name"], "box": box,
+                      "image_size": [int(img.shape[0]), int(img.shape[1])],
                       "crop": str(out_dir / "crops" / f"{name}.png"),
                       "coarse_mask": str(out_dir / "crops" / f"{name}_coarse.png")})
         tiles.append(_overlay(crop, coarse))
@@ -112,10 +113,29 @@ def choose_mask(masks: np.ndarray, scores: np.ndarray, coarse: np.ndarray, min_o
     return best
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a bool mask (h, w); an empty mask gives itself."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return mask.copy()
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+REFINE_FALLBACKS = ("grabcut", "none")
+
+
 def run_refine(crops_json: str | Path, model_path: str | Path, out_dir: str | Path, short_side: int,
-               max_side: int, test, min_overlap: float, device: torch.device) -> dict:
+               max_side: int, test, min_overlap: float, device: torch.device, fallback: str = "grabcut",
+               min_fallback_pixels: int = 16) -> dict:
     """Run the trained FreeSOLO on every crop, keep the chosen mask and apply it: exemplar objects
-    X_e (object pixels, background black), their masks, ``pool.json`` and ``pool_sheet.png``."""
+    X_e (object pixels, background black), their masks, ``pool.json`` and ``pool_sheet.png``.
+
+    A crop where no predicted mask qualifies falls back, with ``fallback`` ``grabcut``, to the
+    largest connected component of its GrabCut mask (if it has ``min_fallback_pixels``);
+    ``none`` drops it. Each exemplar records its ``source`` (freesolo | grabcut), and the counts
+    are returned."""
+    if fallback not in REFINE_FALLBACKS:
+        raise ValueError(f"refine fallback must be one of {REFINE_FALLBACKS}, got {fallback!r}")
     from efsolo.inference import predict_image
     from efsolo.train import load_model
 
@@ -129,23 +149,32 @@ def run_refine(crops_json: str | Path, model_path: str | Path, out_dir: str | Pa
         coarse = read_image(c["coarse_mask"])[:, :, 0] > 127
         masks, scores, _ = predict_image(model, crop, short_side, max_side, test, device)
         k = choose_mask(masks, scores, coarse, min_overlap)
-        if k is None:
-            dropped.append({"crop": c["crop"], "reason": f"no predicted mask lies {min_overlap:.0%} inside the "
-                                                         f"coarse mask ({len(masks)} predicted)"})
-            continue
+        if k is not None:
+            mask, score, source = masks[k], float(scores[k]), "freesolo"
+        else:
+            why = f"no predicted mask lies {min_overlap:.0%} inside the coarse mask ({len(masks)} predicted)"
+            mask = largest_component(coarse) if fallback == "grabcut" else None
+            if mask is None or mask.sum() < min_fallback_pixels:
+                dropped.append({"crop": c["crop"], "reason": why + ("" if fallback == "none" else
+                                                                     ", and the GrabCut mask is too small")})
+                continue
+            score, source = 0.0, "grabcut"
         obj = crop.copy()
-        obj[~masks[k]] = 0
+        obj[~mask] = 0
         name = f"{len(pool):04d}"
         atomic.write_image(out_dir / "objects" / f"{name}.png", obj)
-        atomic.write_image(out_dir / "objects" / f"{name}_mask.png", masks[k].astype(np.uint8) * 255)
-        pool.append({"id": len(pool), "crop_id": c["id"], "image_id": c["image_id"], "score": float(scores[k]),
+        atomic.write_image(out_dir / "objects" / f"{name}_mask.png", mask.astype(np.uint8) * 255)
+        pool.append({"id": len(pool), "crop_id": c["id"], "image_id": c["image_id"], "score": score,
+                     "source": source, "box": c["box"], "image_size": c.get("image_size"),
                      "object": str(out_dir / "objects" / f"{name}.png"),
                      "mask": str(out_dir / "objects" / f"{name}_mask.png")})
         tiles.append(obj)
-    atomic.write_json(out_dir / "pool.json", {"exemplars": pool, "dropped": dropped}, indent=1)
+    sources = {s: sum(e["source"] == s for e in pool) for s in ("freesolo", "grabcut")}
+    atomic.write_json(out_dir / "pool.json", {"exemplars": pool, "sources": sources, "dropped": dropped}, indent=1)
     atomic.write_image(out_dir / "pool_sheet.png", contact_sheet(tiles))
     for d in dropped:
         print(f"dropped {d['crop']}: {d['reason']}")
-    if not pool:
-        print("warning: the exemplar pool is empty, so the EEC loss will be zero; see exemplars/pool.json")
-    return {"crops": len(crops), "exemplars": len(pool), "dropped": len(dropped)}
+    print(f"exemplar pool: {len(pool)} of {len(crops)} crops ({sources['freesolo']} refined by FreeSOLO, "
+          f"{sources['grabcut']} from the GrabCut mask, {len(dropped)} dropped)")
+    return {"crops": len(crops), "exemplars": len(pool), "from_freesolo": sources["freesolo"],
+            "from_grabcut": sources["grabcut"], "dropped": len(dropped)}

@@ -61,11 +61,13 @@ def val_evaluator(val_manifest: Path, val_gt: Path, test: TestSettings, short_si
 def run(*, labels: Path, embeddings: Path, val_manifest: Path, train_manifest: Path, model_path: Path,
         predictions_path: Path, stats_path: Path, work_dir: Path, live_dir: Path, rounds: int, relabel_score: float,
         relabel_max: int, test: TestSettings, test_short_side: int, test_max_side: int, device: torch.device,
-        val_gt: Path | None = None, **train_kwargs) -> dict:
+        val_gt: Path | None = None, state_at: int = -1, state_path: Path | None = None, **train_kwargs) -> dict:
     """Train ``rounds`` rounds (each on the previous round's labels), then predict on val.
 
     With ``eval_every`` > 0 among ``train_kwargs`` and a ``val_gt`` that has ground truth, val
-    segm AP and AP50 are logged during training (learning curves)."""
+    segm AP and AP50 are logged during training (learning curves). With ``state_path``, the first
+    round's training state after ``state_at`` iterations is written there (the start of
+    Exemplar-FreeSOLO at ``eec.start_iter``)."""
     stats: dict = {}
     if train_kwargs.get("eval_every") and val_gt is not None and "evaluator" not in train_kwargs:
         train_kwargs["evaluator"] = val_evaluator(val_manifest, val_gt, test, test_short_side, test_max_side, device)
@@ -73,7 +75,9 @@ def run(*, labels: Path, embeddings: Path, val_manifest: Path, train_manifest: P
         round_model = model_path if r == rounds else work_dir / f"round{r}.pt"
         stats[f"round{r}"] = train(labels=labels, embeddings=embeddings, out_path=round_model,
                                    ckpt_dir=work_dir / f"round{r}", live_dir=live_dir, device=device,
-                                   log_prefix=f"round{r}" if rounds > 1 else "train", **train_kwargs)
+                                   log_prefix=f"round{r}" if rounds > 1 else "train",
+                                   **({"state_at": state_at, "state_path": state_path} if r == 1 else {}),
+                                   **train_kwargs)
         if r < rounds:
             labels, embeddings = relabel(round_model, load_manifest(train_manifest), work_dir / f"labels{r + 1}",
                                          test, test_short_side, test_max_side, relabel_score, relabel_max, device)

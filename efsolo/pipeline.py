@@ -25,6 +25,7 @@ BACKBONE_LIVE_DIR = Path("dvclive/backbone")
 FREEMASK_DIR = Path("pseudo/freemask")
 FREEMASK_SHARD_DIR = Path("checkpoints/freemask")
 FREESOLO_MODEL = Path("models/freesolo.pt")
+FREESOLO_START = Path("models/freesolo_start.pt")  # FreeSOLO's training state after eec.start_iter iterations
 FREESOLO_WORK_DIR = Path("checkpoints/freesolo")
 FREESOLO_LIVE_DIR = Path("dvclive/freesolo")
 EXEMPLAR_DIR = Path("exemplars")
@@ -134,7 +135,8 @@ def freesolo(p: Params) -> dict:
                   stats_path=METRICS_DIR / "train" / "freesolo.json", work_dir=FREESOLO_WORK_DIR, live_dir=FREESOLO_LIVE_DIR, rounds=f.rounds,
                   relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=test_settings(p),
                   test_short_side=f.test_short_side, test_max_side=f.test_max_side, device=resolve_device(p.device),
-                  val_gt=VAL_GT, **solo_training_kwargs(p, embeddings))
+                  val_gt=VAL_GT, state_at=p.eec.start_iter, state_path=FREESOLO_START,
+                  **solo_training_kwargs(p, embeddings))
 
 
 def exemplars(p: Params) -> dict:
@@ -152,7 +154,7 @@ def refine(p: Params) -> dict:
     f = p.freesolo
     return run_refine(EXEMPLAR_DIR / "crops.json", FREESOLO_MODEL, EXEMPLAR_DIR, short_side=f.test_short_side,
                       max_side=f.test_max_side, test=test_settings(p), min_overlap=p.exemplar.refine_min_overlap,
-                      device=resolve_device(p.device))
+                      device=resolve_device(p.device), fallback=p.exemplar.refine_fallback)
 
 
 def pool(p: Params) -> dict:
@@ -161,7 +163,8 @@ def pool(p: Params) -> dict:
 
     e = p.eec
     return run_pool(EXEMPLAR_DIR / "pool.json", BACKBONE, POOL, feature_level=e.feature_level, upsample=e.upsample,
-                    short_side=e.exemplar_short_side, max_side=e.exemplar_max_side, device=resolve_device(p.device))
+                    short_side=e.exemplar_short_side, max_side=e.exemplar_max_side, device=resolve_device(p.device),
+                    view=e.exemplar_view)
 
 
 def exemplar_freesolo(p: Params) -> dict:
@@ -173,11 +176,18 @@ def exemplar_freesolo(p: Params) -> dict:
 
     f, e, m = p.freesolo, p.eec, p.freemask
     pool_blob = load_pool(POOL)
+    size = len(pool_blob["exemplars"])
+    if size < p.exemplar.min_pool:
+        raise EfsoloError(f"{POOL}: the exemplar pool holds {size} exemplars, fewer than exemplar.min_pool "
+                          f"({p.exemplar.min_pool}); see exemplars/pool.json for why crops were dropped, and raise "
+                          f"exemplar.num_images or set exemplar.refine_fallback: grabcut")
     options = dict(query_scales=m.query_scales, mask_threshold=m.mask_threshold, min_pixels=m.min_pixels,
                    nms=m.nms, nms_sigma=m.nms_sigma, fast_nms_iou=m.fast_nms_iou, pre_nms_top=m.pre_nms_top)
+    guide = dict(score_threshold=m.score_threshold, max_box_width=m.max_box_width, top_exclude=m.top_exclude)
     extra_loss = make_eec_loss(pool_blob, e.alpha, e.beta, e.tau, e.weight, e.granularity, e.max_instances, p.seed,
                                options, e.pool_refresh,
-                               load_objects(EXEMPLAR_DIR / "pool.json") if e.pool_refresh else None)
+                               load_objects(EXEMPLAR_DIR / "pool.json") if e.pool_refresh else None,
+                               logits=e.logits, centre=e.centre, proj_tau=e.proj_tau, guide_filters=guide)
     channels = feature_channels(p.backbone.arch)[e.feature_level]
     embeddings = FREEMASK_DIR / "train_embeddings.npz"
     kwargs = solo_training_kwargs(p, embeddings)
@@ -187,9 +197,13 @@ def exemplar_freesolo(p: Params) -> dict:
                   stats_path=METRICS_DIR / "train" / "exemplar_freesolo.json", work_dir=EFS_WORK_DIR,
                   live_dir=EFS_LIVE_DIR, rounds=1, relabel_score=f.relabel_score, relabel_max=f.relabel_max,
                   test=test_settings(p), test_short_side=f.test_short_side, test_max_side=f.test_max_side,
-                  device=resolve_device(p.device), val_gt=VAL_GT, extra_modules={"eec": EECModule(channels, e.upsample)},
-                  extra_loss=extra_loss, fingerprint_extra={"eec": to_dict(e), "pool": file_digest(POOL),
-                                                            "freemask_ops": options}, **kwargs)
+                  device=resolve_device(p.device), val_gt=VAL_GT,
+                  extra_modules={"eec": EECModule(channels, e.upsample, e.proj_dim if e.logits == "projection" else 0,
+                                                  seed=p.seed)},
+                  extra_loss=extra_loss, init_state=FREESOLO_START,
+                  fingerprint_extra={"eec": to_dict(e), "pool": file_digest(POOL), "freemask_ops": options,
+                                     "guide": guide, "min_pool": p.exemplar.min_pool,
+                                     "init_state": file_digest(FREESOLO_START)}, **kwargs)
 
 
 def evaluate(model: str, predictions: str | Path | None = None) -> dict:

@@ -78,7 +78,25 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict:
             mean = sum(xs) / len(xs)
             std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
             summary.setdefault(m, {})[f] = {"mean": round(mean, 2), "std": round(std, 2), "n": len(xs)}
-    return {"seeds": {str(s): r for s, r in rows.items()}, "summary": summary}
+    result = {"seeds": {str(s): r for s, r in rows.items()}, "summary": summary}
+    if "freesolo" in common and "exemplar_freesolo" in common:
+        result["paired"] = paired(rows)
+    return result
+
+
+def paired(rows: dict[int, dict[str, dict[str, float]]], base: str = "freesolo",
+           other: str = "exemplar_freesolo") -> dict:
+    """Exemplar-FreeSOLO against FreeSOLO seed by seed: the difference of every figure per seed,
+    whether ``other`` is higher in every seed, and the ratio of the means."""
+    figures = sorted(set.intersection(*(set(r[base]) & set(r[other]) for r in rows.values())))
+    diffs = {str(s): {f: round(r[other][f] - r[base][f], 2) for f in figures} for s, r in rows.items()}
+    out: dict = {"difference": diffs, "higher_every_seed": {}, "ratio_of_means": {}}
+    for f in figures:
+        out["higher_every_seed"][f] = all(d[f] > 0 for d in diffs.values())
+        mb = sum(r[base][f] for r in rows.values()) / len(rows)
+        mo = sum(r[other][f] for r in rows.values()) / len(rows)
+        out["ratio_of_means"][f] = round(mo / mb, 3) if mb > 0 else None
+    return out
 
 
 def table(result: dict) -> str:
@@ -93,6 +111,13 @@ def table(result: dict) -> str:
             s = result["summary"][m]
             lines.append(f"| {m} | mean ± std | " + " | ".join(
                 f"{s[f]['mean']:.1f} ± {s[f]['std']:.1f}" if f in s else "-" for f in figures) + " |")
+    if "paired" in result:
+        pr = result["paired"]
+        for seed, d in pr["difference"].items():
+            lines.append(f"| exemplar_freesolo - freesolo | {seed} | " +
+                         " | ".join(f"{d[f]:+.2f}" if f in d else "-" for f in figures) + " |")
+        lines.append("| exemplar_freesolo / freesolo | ratio of means | " + " | ".join(
+            f"{pr['ratio_of_means'][f]:.2f}" if pr["ratio_of_means"].get(f) else "-" for f in figures) + " |")
     return "\n".join(lines)
 
 

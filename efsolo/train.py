@@ -256,6 +256,81 @@ ExtraLoss = Callable[..., dict[str, torch.Tensor]]
 Evaluator = Callable[[SOLO], dict[str, float]]
 
 
+def gradient_ratio(extra: torch.Tensor, base: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """||d extra / d params|| / ||d base / d params||: how much an extra loss term pulls on the
+    parameters it shares with the base loss (0 when it does not reach them). The graph is kept."""
+    params = [p for p in params if p.requires_grad]
+
+    def norm(t: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+        sq = [g.float().pow(2).sum() for g in grads if g is not None]
+        return torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=t.device)
+
+    e = norm(extra) if extra.requires_grad else torch.zeros((), device=extra.device)
+    return (e / norm(base).clamp_min(1e-12)).detach()
+
+
+def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimiser's parameters, in its order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
+def _save_state(path: str | Path, fp: str, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                ema: WeightAverage | None, g_cpu: torch.Generator, g_dev: torch.Generator) -> None:
+    resume.save_checkpoint(path, fp, step, {
+        "format": TRAIN_STATE_FORMAT, "model": model.state_dict(), "opt": opt.state_dict(),
+        "param_names": _param_names(model, opt), "g_cpu": g_cpu.get_state(), "g_dev": g_dev.get_state(),
+        **({"ema": ema.state_dict()} if ema is not None else {})})
+
+
+def _has_state(path: str | Path, fp: str, step: int) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    return blob.get("fingerprint") == fp and blob.get("step") == step
+
+
+TRAIN_STATE_FORMAT = "efsolo-train-state-v1"
+
+
+def load_training_state(path: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                        ema: WeightAverage | None, g_cpu: torch.Generator, g_dev: torch.Generator) -> int:
+    """Continue from a training state written by another run (``state_path``): weights, moving
+    average, SGD momentum and random generators. The model may have modules the state lacks
+    (``extra.*``, e.g. the EEC module): they keep their own initialisation and start without
+    momentum. Returns the iteration to start at."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"{path}: no such training state file")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or blob.get("format") != TRAIN_STATE_FORMAT:
+        raise TrainingError(f"{path}: not an efsolo training state file")
+    try:
+        missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    except RuntimeError as err:  # shapes differ
+        raise TrainingError(f"{path}: its network differs from this one ({str(err).splitlines()[1].strip()})") from None
+    if unexpected or any(not k.startswith("extra.") for k in missing):
+        raise TrainingError(f"{path}: its network differs from this one (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+    names, saved = _param_names(model, opt), blob["param_names"]
+    if not set(saved) <= set(names) or any(not n.startswith("extra.") for n in set(names) - set(saved)):
+        raise TrainingError(f"{path}: its trainable parameters differ from this network's")
+    by_name = {saved[i]: st for i, st in blob["opt"]["state"].items()}  # SGD momentum, matched by name
+    opt.load_state_dict({"state": {j: by_name[n] for j, n in enumerate(names) if n in by_name},
+                         "param_groups": opt.state_dict()["param_groups"]})
+    if ema is not None:
+        if "ema" not in blob:
+            raise TrainingError(f"{path}: the state has no weight average, but this run keeps one (ema_decay)")
+        ema.updates = blob["ema"]["updates"]
+        ema.avg.update({k: v.clone() for k, v in blob["ema"]["avg"].items()})
+    g_cpu.set_state(blob["g_cpu"])
+    g_dev.set_state(blob["g_dev"])
+    resume.set_rng_state(blob["rng"])
+    return int(blob["step"])
+
+
 class _TrainStep(torch.nn.Module):
     """The network's forward and the extra term in one forward, so that DDP sees every parameter
     the loss uses (the EEC projection included) and synchronises its gradients."""
@@ -281,7 +356,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
           checkpoint_every: int, device: torch.device, lr_schedule: str = "constant", lr_steps: tuple[float, ...] = (),
           eval_every: int = 0, evaluator: Evaluator | None = None, ema_decay: float = 0.0, label_min_score: float = 0.0, label_max_per_image: int = 100,
           extra_modules: dict[str, torch.nn.Module] | None = None, extra_loss: ExtraLoss | None = None,
-          fingerprint_extra: dict | None = None, log_prefix: str = "train") -> dict:
+          fingerprint_extra: dict | None = None, log_prefix: str = "train", state_at: int = -1,
+          state_path: str | Path | None = None, init_state: str | Path | None = None) -> dict:
     """Train a SOLO network on pseudo-labels and write ``out_path``.
 
     ``extra_modules`` are trained alongside the network (e.g. the EEC projection) and passed,
@@ -291,6 +367,11 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     metrics are logged as ``<log_prefix>/val/<name>`` with the elapsed training seconds.
     With ``ema_decay`` > 0 an exponential moving average of the weights is kept (decay
     min(ema_decay, (1 + t) / (10 + t)) at update t); it is what is evaluated and saved.
+    With ``state_path``, the whole training state after ``state_at`` iterations (weights, moving
+    average, optimiser, random generators) is written there; ``init_state`` starts a run from such
+    a file (``load_training_state``), so two runs share the same first iterations and data stream.
+    With an extra term, the norm of its gradient relative to the rest of the loss's, on the
+    parameters they share (the trunk's trainable ones), is logged as ``eec/grad_ratio``.
     """
     rank, world, local = _dist()
     if world > 1 and not dist.is_initialized():
@@ -320,7 +401,16 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     ckpt_path = Path(ckpt_dir) / "last.pt"
     start = 0
     ema = WeightAverage(model, ema_decay) if ema_decay > 0 else None
-    if (ck := resume.load_checkpoint(ckpt_path, fp)) is not None:
+    ck = resume.load_checkpoint(ckpt_path, fp)
+    if ck is not None and state_path is not None and ck["step"] > state_at and not _has_state(state_path, fp, state_at):
+        print(f"{state_path}: the training state after {state_at} iterations is not on disk; training again "
+              f"from iteration 0 (same seed, same result)")
+        ck = None
+    if ck is None and init_state is not None:
+        start = load_training_state(init_state, model, opt, ema, g_cpu, g_dev)
+        if rank == 0:
+            print(f"starting from iteration {start} ({init_state})")
+    if ck is not None:
         model.load_state_dict(ck["model"])
         if ema is not None:
             ema.load_state_dict(ck["ema"])
@@ -335,7 +425,10 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    live = resume.make_live(live_dir, resume=start > 0) if rank == 0 else None
+    live = resume.make_live(live_dir, resume=ck is not None) if rank == 0 else None
+    shared = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("trunk.")]
+    extra_sums: dict[str, torch.Tensor] = {}
+    extra_steps, ratio_sum, ratio_n = 0, torch.zeros((), device=device), 0
     use_amp = device.type == "cuda"
     model.train()
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -343,6 +436,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     t0, seen, t_eval = time.time(), 0, 0.0
     bar = tqdm(range(start, iters), desc=log_prefix, initial=start, total=iters, disable=None if rank == 0 else True)
     for step in bar:
+        if state_path is not None and step == state_at and rank == 0:
+            _save_state(state_path, fp, step, model, opt, ema, g_cpu, g_dev)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr, iters, warmup_iters, warmup_factor, lr_schedule, lr_steps)
         idx = epoch_order(len(data), seed, step, batch_size)
@@ -363,9 +458,18 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             out, extra = net(x, images, masks, step, view_rows, 2 * batch_size)
         terms = solo_losses(out, images, masks, embeds, arch.grids, scale_ranges, losses, step)
         loss = terms["total"]
+        at_log = (step + 1) % log_every == 0 or step + 1 == iters
         if extra:
-            loss = loss + extra.pop("total")
+            extra_total = extra.pop("total")
+            if at_log and world == 1 and shared and extra_total.requires_grad:
+                extra["grad_ratio"] = gradient_ratio(extra_total, terms["total"], shared)
+                ratio_sum, ratio_n = ratio_sum + extra["grad_ratio"], ratio_n + 1
+            loss = loss + extra_total
             terms.update({f"eec/{k}": v for k, v in extra.items()})
+            extra_steps += 1
+            for k, v in extra.items():
+                if k != "grad_ratio":
+                    extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float()
         bad |= ~torch.isfinite(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -376,7 +480,6 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             ema.update(model)
         seen += batch_size
         logs = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items() if k != "total"}}
-        at_log = (step + 1) % log_every == 0 or step + 1 == iters
         at_ckpt = (step + 1) % checkpoint_every == 0 or step + 1 == iters
         if at_log or at_ckpt:
             if bool(bad):
@@ -409,6 +512,10 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     seconds = time.time() - t0 - t_eval
     stats = {"iters": iters, "seconds": round(seconds, 1), "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
              "final": {k: round(float(v), 4) for k, v in logs.items()}}
+    if extra_steps:  # this run's mean of each extra diagnostic (eec/frac_used, ...)
+        stats["extra_mean"] = {k: round(float(v) / extra_steps, 4) for k, v in extra_sums.items()}
+        if ratio_n:  # measured at the logging steps only
+            stats["extra_mean"]["grad_ratio"] = round(float(ratio_sum) / ratio_n, 4)
     if device.type == "cuda":
         stats["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     if rank == 0:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from efsolo.backbone import ResNetTrunk
-from efsolo.eec import EECModule, eec_loss, pooled_queries
+from efsolo.eec import (EECModule, ExemplarObject, NEUTRAL_RGB, eec_loss, exemplar_view, guide_filter, literal_cap,
+                        pooled_queries)
 
 
 def _unit(*rows):
@@ -85,3 +86,82 @@ def test_positive_draw_does_not_depend_on_sharding():
     parts = sum(eec_loss(emb[r], pool, 0.8, 0.3, 0.1, torch.Generator().manual_seed(5), r, 4)[0]
                 for r in (torch.tensor([0, 2]), torch.tensor([1, 3])))
     assert whole.item() == pytest.approx(parts.item(), rel=1e-6)
+
+
+def test_the_literal_loss_is_capped_and_the_projection_loss_is_not():
+    """Paper read literally: logits = the selecting cosines / tau, so a used row's loss is at most
+    log(1 + exp(-(alpha - beta) / tau)): 1.4e-11 at 0.8 / 0.3 / 0.02."""
+    assert literal_cap(0.8, 0.3, 0.02) == pytest.approx(1.3888e-11, rel=1e-3)
+    assert literal_cap(0.6, 0.35, 0.02) == pytest.approx(3.73e-6, rel=1e-2)
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(64, 8, generator=g), dim=1)
+    pool = F.normalize(torch.randn(16, 8, generator=g), dim=1)
+    loss, stats = eec_loss(emb, pool, 0.5, 0.0, 0.02)
+    used = stats["frac_used"].item() * 64
+    assert used > 0 and loss.item() <= used * literal_cap(0.5, 0.0, 0.02) + 1e-9
+    # the same selection with logits from elsewhere (a projection) is not capped
+    logits = torch.zeros(64, 16)
+    loss2, stats2 = eec_loss(emb, pool, 0.5, 0.0, 0.02, logits=logits)
+    assert loss2.item() == pytest.approx(used * math.log(2), rel=1e-5)
+    assert stats2["logit_gap"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_projection_loss_starts_near_log2_and_training_raises_positive_similarity():
+    """Images and exemplars in general position, where positives (cosine > 0.2) and negatives
+    (< -0.2) exist for every image. With a projection head at temperature 1 the loss of a used row
+    starts of order log 2; a few optimiser steps raise the positive's similarity in the projection
+    space against the negatives' (the logit gap), and the loss falls."""
+    torch.manual_seed(0)
+    c = 16
+    pool_q = torch.randn(12, c)
+    images = torch.randn(6, c).requires_grad_()
+    m = EECModule(c, 1, proj_dim=8, seed=0)
+    opt = torch.optim.SGD([images, *m.parameters()], lr=0.2)
+    history = []
+    for step in range(25):
+        centre = m.keys(pool_q.mean(0, keepdim=True))
+        raw, ex = m.keys(images) - centre, m.keys(pool_q) - centre
+        emb, exn = F.normalize(raw, dim=1), F.normalize(ex, dim=1)
+        logits = m.project(raw) @ m.project(ex).T / 1.0
+        loss, stats = eec_loss(emb, exn, 0.2, -0.2, 1.0, torch.Generator().manual_seed(0), logits=logits)
+        used = stats["frac_used"].item() * 6
+        history.append((loss.item() / used, stats["logit_gap"].item()))
+        if step == 0:
+            assert used >= 4
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    first, last = history[0], history[-1]
+    print(history[0], history[-1])
+    assert 0.3 < first[0] < 1.2  # of order log 2 (0.69)
+    assert last[0] < 0.7 * first[0] and last[1] > first[1] + 0.3
+
+
+def test_guide_filter_applies_free_masks_filters():
+    soft = torch.zeros(1, 4, 10, 10)
+    soft[0, 0] = 1.0  # the whole image: too wide
+    soft[0, 1, 0:2, 2:5] = 1.0  # centre in the top 20%
+    soft[0, 2, 5:8, 2:5] = 1.0  # fine
+    soft[0, 3, 6:9, 6:9] = 1.0  # fine, second
+    scores = torch.tensor([[0.95, 0.9, 0.8, 0.75]])
+    keep = guide_filter(soft, scores, 1, score_threshold=0.7, max_box_width=0.95, top_exclude=0.2)
+    assert keep.tolist() == [[False, False, True, False]]
+    assert guide_filter(soft, scores, 2, 0.7, 0.95, 0.2).tolist() == [[False, False, True, True]]
+    assert not guide_filter(soft, scores, 1, score_threshold=0.99).any()
+    assert guide_filter(soft[:, :0], scores[:, :0], 1).shape == (1, 0)
+
+
+def test_exemplar_views():
+    crop = np.full((4, 6, 3), 200, np.uint8)
+    mask = np.zeros((4, 6), bool)
+    mask[1:3, 1:5] = True
+    obj = ExemplarObject(crop, mask, box=(10, 20, 6, 4), image_size=(40, 80))
+    img, m = exemplar_view(ExemplarObject(crop, np.ones((4, 6), bool), obj.box, obj.image_size), "scene", 20, 100)
+    assert img.shape == (20, 40, 3) and m.sum() == 2 * 3  # the source image's size, halved
+    assert tuple(img[0, 0]) == NEUTRAL_RGB and m[10:12, 5:8].all()  # at its place: rows 20..23, cols 10..15, / 2
+    _, m = exemplar_view(obj, "scene", 40, 100)
+    assert m.sum() == mask.sum() and m[21:23, 11:15].all()
+    img, m = exemplar_view(obj, "crop", 8, 100)
+    assert img.shape == (8, 12, 3) and tuple(img[0, 0]) == (0, 0, 0) and m.sum() == 4 * 8
+    img, _ = exemplar_view(ExemplarObject(crop, mask), "scene", 8, 100)  # placement unknown: neutral fill
+    assert img.shape == (8, 12, 3) and tuple(img[0, 0]) == NEUTRAL_RGB

@@ -3,7 +3,10 @@ import json
 import numpy as np
 
 from efsolo import datasets
-from efsolo.exemplars import choose_mask, contact_sheet, grabcut_crop, run_crops
+import pytest
+import torch
+
+from efsolo.exemplars import choose_mask, contact_sheet, grabcut_crop, largest_component, run_crops, run_refine
 
 
 def _one_object(h=80, w=100):
@@ -51,3 +54,37 @@ def test_run_crops_is_seeded_and_lists_what_it_writes(tmp_path):
     assert [c["image_id"] for c in ja["crops"]] == [c["image_id"] for c in jb["crops"]]
     assert a["crops"] + a["skipped"] == 4 and (tmp_path / "a" / "crops_sheet.png").exists()
     assert contact_sheet([np.zeros((5, 9, 3), np.uint8)] * 3, tile=16, columns=2).shape == (32, 32, 3)
+
+
+def test_largest_component():
+    m = np.zeros((8, 8), bool)
+    m[0:2, 0:2] = True
+    m[4:8, 4:7] = True
+    assert largest_component(m).sum() == 12 and largest_component(m)[5, 5]
+    assert not largest_component(np.zeros((3, 3), bool)).any()
+
+
+@pytest.mark.parametrize("fallback", ["grabcut", "none"])
+def test_refine_falls_back_to_the_grabcut_mask_and_reports_sources(tmp_path, fallback):
+    """A FreeSOLO that predicts nothing (score threshold 1) must not empty the pool silently."""
+    from efsolo.inference import TestSettings
+    from efsolo.solo_model import SOLO, SOLOArch
+    from efsolo.train import save_model
+
+    datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=6, num_val=1, image_size=64)
+    crops = run_crops(tmp_path / "data" / "train.json", tmp_path / "ex", num_images=4, seed=3, rect_margin=0.05,
+                      iterations=3, crop_margin=0.1)["crops"]
+    torch.manual_seed(0)
+    arch = SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16, kernel_dim=8,
+                    embed_dim=4, grids=(8, 6, 4, 3, 2))
+    save_model(tmp_path / "m.pt", SOLO(arch), {"input_size": [64, 64]})
+    out = run_refine(tmp_path / "ex" / "crops.json", tmp_path / "m.pt", tmp_path / "ex", 64, 64,
+                     TestSettings(score_threshold=1.0), 0.5, torch.device("cpu"), fallback=fallback)
+    pool = json.loads((tmp_path / "ex" / "pool.json").read_text())
+    if fallback == "grabcut":
+        assert out["exemplars"] == out["from_grabcut"] == crops > 0 and out["from_freesolo"] == 0
+        e = pool["exemplars"][0]
+        assert e["source"] == "grabcut" and len(e["box"]) == 4 and len(e["image_size"]) == 2
+    else:
+        assert out["exemplars"] == 0 and out["dropped"] == crops
+    assert pool["sources"] == {"freesolo": out["from_freesolo"], "grabcut": out["from_grabcut"]}

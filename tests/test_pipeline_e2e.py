@@ -24,8 +24,8 @@ OVERRIDES = {
                  "grids": [8, 6, 4, 3, 2], "train_short_sides": [64], "max_side": 64, "iters": 2, "batch_size": 2,
                  "warmup_iters": 1, "pairwise_warmup": 1, "log_every": 1, "checkpoint_every": 1, "eval_every": 1,
                  "test_short_side": 64, "test_max_side": 64, "test_score_threshold": 0.0},
-    "exemplar": {"num_images": 4, "grabcut_iterations": 2, "refine_min_overlap": 0.0},
-    "eec": {"alpha": 0.5, "beta": 0.4, "exemplar_short_side": 64, "exemplar_max_side": 64},
+    "exemplar": {"num_images": 4, "grabcut_iterations": 2, "refine_min_overlap": 0.0, "min_pool": 1},
+    "eec": {"alpha": 0.5, "beta": 0.4, "exemplar_short_side": 64, "exemplar_max_side": 64, "start_iter": 1},
 }
 
 
@@ -67,16 +67,21 @@ def test_repro_produces_metrics_and_is_then_up_to_date(repo):
     assert set(metrics["segm"]) >= {"AP", "AP50", "AR100"} and 0 <= metrics["segm"]["AP"] <= 1
     assert (repo / "metrics" / "pr" / "freemask" / "segm.csv").exists()
     assert (repo / "dvclive" / "backbone" / "metrics.json").exists()
-    for model in ("freesolo", "exemplar_freesolo"):  # learning curves (freesolo.eval_every = 1)
+    # learning curves (freesolo.eval_every = 1); Exemplar-FreeSOLO starts after eec.start_iter = 1
+    for model, steps in (("freesolo", ["1", "2"]), ("exemplar_freesolo", ["2"])):
         curve = (repo / "dvclive" / model / "plots" / "metrics" / "train" / "val" / "segm_AP.tsv").read_text()
-        assert [line.split()[0] for line in curve.splitlines()] == ["step", "1", "2"]
+        assert [line.split()[0] for line in curve.splitlines()] == ["step", *steps]
     labels = json.loads((repo / "pseudo" / "freemask" / "train.json").read_text())
     assert len(labels["images"]) == 12
     for model in ("freesolo", "exemplar_freesolo"):
         m = json.loads((repo / "metrics" / f"{model}.json").read_text())
         assert 0 <= m["segm"]["AP"] <= 1 and 0 <= m["bbox"]["AR100"] <= 1
     train_stats = json.loads((repo / "metrics" / "train" / "exemplar_freesolo.json").read_text())
-    assert "eec/frac_pos" in train_stats["round1"]["final"]
+    assert {"eec/frac_pos", "eec/logit_gap", "eec/grad_ratio"} <= set(train_stats["round1"]["final"])
+    assert "frac_used" in train_stats["round1"]["extra_mean"]
+    # eec.start_iter 1: Exemplar-FreeSOLO continued FreeSOLO's state after 1 of its 2 iterations
+    eec_curve = (repo / "dvclive" / "exemplar_freesolo" / "plots" / "metrics" / "train" / "eec" / "frac_used.tsv")
+    assert [line.split()[0] for line in eec_curve.read_text().splitlines()] == ["step", "2"]
     assert (repo / "exemplars" / "crops_sheet.png").exists() and (repo / "exemplars" / "pool_sheet.png").exists()
     assert len(list((repo / "reports" / "overlays").glob("*.png"))) == 4  # every val image (4 < report.num_images)
     assert "Data and pipelines are up to date" in _sh(repo, "dvc", "status")
@@ -94,7 +99,8 @@ def test_a_param_change_reruns_only_downstream(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     try:
         status = json.loads(_sh(repo, "dvc", "status", "--json"))
-        assert set(status) == {"freemask"}
+        # exemplar_freesolo reads it too: the EEC guide mask is filtered as Free Mask filters
+        assert set(status) == {"freemask", "exemplar_freesolo"}
         ran = _ran(_sh(repo, "dvc", "repro"))
         assert {"freemask", "evaluate@freemask"} <= ran and not ran & {"data", "backbone"}
     finally:
@@ -125,6 +131,23 @@ def test_eec_alpha_reruns_only_exemplar_training_and_its_evaluation(repo):
     assert "exemplar_freesolo" in ran and ran <= {"exemplar_freesolo", "evaluate@exemplar_freesolo", "report"}
 
 
+def _stage_error(repo, tmp_path, stage: str, over: dict) -> tuple[Path, list[str]]:
+    """Run one stage with the tiny params changed by ``over``; it must exit 1. (params file, stderr lines)"""
+    params = tmp_path / f"{stage}.yaml"
+    params.write_text(yaml.safe_dump(_merge(TINY, over)))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, f"stages/{stage}.py", str(params)], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    return params, proc.stderr.strip().splitlines()
+
+
+@pytest.mark.e2e
+def test_a_pool_below_min_pool_stops_exemplar_training_with_one_line(repo, tmp_path):
+    _, lines = _stage_error(repo, tmp_path, "exemplar_freesolo", {"exemplar": {"min_pool": 1000}})
+    assert len(lines) == 1 and "fewer than exemplar.min_pool (1000)" in lines[0] and "pool.pt" in lines[0]
+
+
 @pytest.mark.e2e
 def test_number_of_exemplars_reruns_the_exemplar_branch_only(repo):
     status, ran = _changed_after(repo, "exemplar", "num_images", 3)
@@ -149,10 +172,5 @@ def test_plots_show_gives_one_html_report_with_every_plot(repo, tmp_path):
 
 @pytest.mark.e2e
 def test_bad_params_stop_with_one_line(repo, tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(_merge(TINY, {"freemask": {"mask_threshold": 2}})))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run([sys.executable, "stages/freemask.py", str(bad)], cwd=repo, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines() == [f"error: {bad}: freemask.mask_threshold must be in [0, 1], got 2.0"]
+    bad, lines = _stage_error(repo, tmp_path, "freemask", {"freemask": {"mask_threshold": 2}})
+    assert lines == [f"error: {bad}: freemask.mask_threshold must be in [0, 1], got 2.0"]

@@ -17,7 +17,8 @@ def test_paper_profile_for_coco_has_the_papers_settings(tmp_path):
                                                                                               (1.0, 0.5, 0.25), 0.7)
     assert (s.batch_size, s.lr, s.gamma, s.mu, s.test_short_side, s.grids) == (8, 0.001, 0.1, 0.4, 800,
                                                                                (40, 36, 24, 16, 12))
-    assert (e.weight, e.tau, e.alpha, e.beta) == (1.3, 0.02, 0.8, 0.3)
+    # the paper's EEC values, except tau: its 0.02 caps the loss at 1.4e-11 (README); from scratch
+    assert (e.weight, e.alpha, e.beta, e.tau, e.logits, e.start_iter) == (1.3, 0.8, 0.3, 0.5, "cosine", 0)
     assert (s.lr_schedule, s.warmup_iters, s.eval_every) == ("constant", 1000, 0)  # the release's; no val curves
 
 

@@ -38,3 +38,18 @@ def test_summarise_gives_percent_per_seed_and_mean_with_sample_std():
     assert set(only_one["summary"]) == {"freesolo"}  # models that every seed has
     text = table(result)
     assert "| freesolo | mean ± std | 12.0 ± 2.8 |" in text and text.count("\n") == 1 + 2 * 3
+
+
+def test_paired_difference_of_exemplar_freesolo_and_freesolo():
+    def m(ap):
+        return {"segm": {"AP": ap / 100, "AP50": 2 * ap / 100, "AR100": 0.1}, "bbox": {"AP": 0.1, "AP50": 0.2}}
+
+    result = summarise({0: {"freesolo": m(10), "exemplar_freesolo": m(12)},
+                        1: {"freesolo": m(8), "exemplar_freesolo": m(7)}})
+    pr = result["paired"]
+    assert pr["difference"]["0"]["segm AP"] == 2.0 and pr["difference"]["1"]["segm AP"] == -1.0
+    assert pr["higher_every_seed"]["segm AP"] is False and pr["higher_every_seed"]["segm AR100"] is False
+    assert pr["ratio_of_means"]["segm AP"] == pytest.approx(19 / 18, abs=1e-3)
+    text = table(result)
+    assert "| exemplar_freesolo - freesolo | 0 | +2.00 |" in text and "| exemplar_freesolo / freesolo | ratio of means | 1.06 |" in text
+    assert "paired" not in summarise({0: {"freesolo": m(10)}})

@@ -145,14 +145,48 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch):
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
-def _eec_kwargs():
+def _eec_kwargs(weight=1.0):
     from efsolo.eec import EECModule, make_eec_loss
 
     pool = {"feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64,
             "pooled_queries": torch.randn(6, 512, generator=torch.Generator().manual_seed(0))}
-    loss = make_eec_loss(pool, alpha=-0.5, beta=0.5, tau=0.1, weight=1.0, granularity="image", max_instances=1,
-                         seed=0, free_mask_options={"query_scales": (0.5,)})
-    return {"extra_modules": {"eec": EECModule(512, 2)}, "extra_loss": loss}
+    loss = make_eec_loss(pool, alpha=-0.5, beta=0.5, tau=0.1, weight=weight, granularity="image", max_instances=1,
+                         seed=0, free_mask_options={"query_scales": (0.5,)}, logits="projection", centre=True)
+    return {"extra_modules": {"eec": EECModule(512, 2, proj_dim=16, seed=0)}, "extra_loss": loss}
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_a_run_from_another_runs_state_continues_its_data_stream(tiny, start):
+    """eec.start_iter: Exemplar-FreeSOLO from FreeSOLO's state after ``start`` iterations, with the
+    EEC term weighted 0, ends at FreeSOLO's very weights (same init, batches, views, momentum)."""
+    state = tiny / f"state{start}.pt"
+    train(**_kwargs(tiny, f"base{start}", ema_decay=0.9, state_at=start, state_path=state))
+    assert torch.load(state, weights_only=False)["step"] == start
+    stats = train(**_kwargs(tiny, f"cont{start}", ema_decay=0.9, init_state=state), **_eec_kwargs(weight=0.0))
+    base, cont = _weights(tiny / f"base{start}.pt"), _weights(tiny / f"cont{start}.pt")
+    for k in base:
+        assert torch.allclose(base[k], cont[k], atol=1e-6), k
+    assert stats["extra_mean"]["frac_used"] > 0 and "eec/grad_ratio" in stats["final"]
+    assert stats["extra_mean"]["grad_ratio"] == 0.0  # weighted 0: no pull on the trunk
+    # the EEC term moves the network once it weighs something
+    weighted = train(**_kwargs(tiny, f"eec{start}", ema_decay=0.9, init_state=state), **_eec_kwargs(weight=1.0))
+    assert weighted["extra_mean"]["grad_ratio"] > 0
+    eec = _weights(tiny / f"eec{start}.pt")
+    assert any(not torch.allclose(base[k], eec[k], atol=1e-6) for k in base if k.startswith("trunk."))
+
+
+def test_a_finished_run_without_its_state_trains_again(tiny, capsys):
+    train(**_kwargs(tiny, "nostate"))
+    train(**_kwargs(tiny, "nostate", state_at=1, state_path=tiny / "late_state.pt"))
+    assert "training again from iteration 0" in capsys.readouterr().out
+    assert torch.load(tiny / "late_state.pt", weights_only=False)["step"] == 1
+
+
+def test_a_state_of_another_network_is_refused(tiny):
+    train(**_kwargs(tiny, "other", iters=1, state_at=0, state_path=tiny / "other_state.pt"))
+    wider = SOLOArch(**{**ARCH.__dict__, "fpn_channels": 32})
+    with pytest.raises(TrainingError, match="other_state.pt: its network differs"):
+        train(**_kwargs(tiny, "refused", arch=wider, init_state=tiny / "other_state.pt"))
 
 
 def _ddp_worker(rank, port, root, out, with_eec=False):
