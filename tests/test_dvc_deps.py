@@ -1,0 +1,91 @@
+"""Every module a DVC stage runs is among the stage's deps, so editing code re-runs what uses it.
+
+The stage scripts call ``efsolo.pipeline.<stage>``, whose imports are made inside each stage
+function; a stage needs the module-level imports of ``pipeline.py``, its own function's imports,
+and everything those import, at any depth (function-level imports included)."""
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] != "efsolo":
+        return None
+    p = REPO.joinpath(*parts)
+    if p.with_suffix(".py").is_file():
+        return p.with_suffix(".py")
+    if (p / "__init__.py").is_file():
+        return p / "__init__.py"
+    return None
+
+
+def _imports(node: ast.AST) -> set[str]:
+    out: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Import):
+            out |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0:
+            out |= {n.module} | {f"{n.module}.{a.name}" for a in n.names}
+    return {m for m in out if _module_file(m)}
+
+
+def _top_level_imports(tree: ast.Module) -> set[str]:
+    return {m for s in tree.body if isinstance(s, (ast.Import, ast.ImportFrom)) for m in _imports(s)}
+
+
+def modules_used(script: Path) -> set[str]:
+    """The efsolo files (repo-relative) that running ``script`` can execute."""
+    tree = ast.parse(script.read_text())
+    pipeline = ast.parse((REPO / "efsolo" / "pipeline.py").read_text())
+    start: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "efsolo.pipeline":
+            wanted = {a.name for a in node.names}
+            start |= {"efsolo.pipeline"} | _top_level_imports(pipeline)
+            start |= {m for f in pipeline.body if isinstance(f, ast.FunctionDef) and f.name in wanted
+                      for m in _imports(f)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            start |= _imports(node)
+    seen: set[Path] = set()
+    todo = list(start)
+    while todo:
+        path = _module_file(todo.pop())
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        mod = ast.parse(path.read_text())
+        # pipeline.py: only its module-level imports (each stage function's own are added above)
+        todo += _top_level_imports(mod) if path.name == "pipeline.py" else _imports(mod)
+    return {str(p.relative_to(REPO)) for p in seen}
+
+
+def _stages() -> list[tuple[str, str, list[str]]]:
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    out = []
+    for name, st in spec.items():
+        body = st.get("do", st)
+        script = body["cmd"].split()[1]
+        out.append((name, script, [str(d) for d in body.get("deps", [])]))
+    return out
+
+
+@pytest.mark.parametrize("name,script,deps", _stages(), ids=[s[0] for s in _stages()])
+def test_every_module_a_stage_runs_is_a_dep(name, script, deps):
+    def covered(f: str) -> bool:
+        return any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)
+
+    missing = sorted(f for f in modules_used(REPO / script) if not covered(f))
+    assert not missing, f"stage {name}: add to its deps in dvc.yaml: {', '.join(missing)}"
+    assert covered(script), f"stage {name}: its script {script} is not a dep"
+
+
+def test_the_walk_follows_function_level_imports():
+    used = modules_used(REPO / "stages" / "refine.py")
+    # refine -> efsolo.exemplars.run_refine imports efsolo.train inside the function
+    assert {"efsolo/exemplars.py", "efsolo/train.py", "efsolo/losses.py", "efsolo/pipeline.py"} <= used
+    assert "efsolo/pretrain.py" not in used
