@@ -34,6 +34,7 @@ from efsolo.targets import assign_cells
 from efsolo.views import copy_paste, strong_view
 
 MODEL_FORMAT = "efsolo-solo-v1"
+TRAIN_STATE_FORMAT = "efsolo-train-state-v1"
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,8 @@ def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str
 
 def _save_state(path: str | Path, fp: str, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                 ema: WeightAverage | None, g_cpu: torch.Generator, g_dev: torch.Generator) -> None:
+    """The whole training state after ``step`` iterations: this run's checkpoints, and the state
+    another run starts from (``load_training_state``)."""
     resume.save_checkpoint(path, fp, step, {
         "format": TRAIN_STATE_FORMAT, "model": model.state_dict(), "opt": opt.state_dict(),
         "param_names": _param_names(model, opt), "g_cpu": g_cpu.get_state(), "g_dev": g_dev.get_state(),
@@ -288,11 +291,8 @@ def _has_state(path: str | Path, fp: str, step: int) -> bool:
     path = Path(path)
     if not path.is_file():
         return False
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # the header only: tensors stay on disk
     return blob.get("fingerprint") == fp and blob.get("step") == step
-
-
-TRAIN_STATE_FORMAT = "efsolo-train-state-v1"
 
 
 def load_training_state(path: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -506,9 +506,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
                 live.log_metric(f"{log_prefix}/val/train_seconds", round(time.time() - t0 - t_eval, 1))
             live.next_step()
         if at_ckpt and rank == 0:
-            resume.save_checkpoint(ckpt_path, fp, step + 1, {
-                "model": model.state_dict(), "opt": opt.state_dict(), "g_cpu": g_cpu.get_state(),
-                "g_dev": g_dev.get_state(), **({"ema": ema.state_dict()} if ema is not None else {})})
+            _save_state(ckpt_path, fp, step + 1, model, opt, ema, g_cpu, g_dev)
     seconds = time.time() - t0 - t_eval
     stats = {"iters": iters, "seconds": round(seconds, 1), "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
              "final": {k: round(float(v), 4) for k, v in logs.items()}}
