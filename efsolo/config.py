@@ -140,6 +140,8 @@ class FreeMaskParams:
     score_threshold: float = 0.7
     max_box_width: float = 0.95
     top_exclude: float = 0.2
+    split_components: bool = False
+    component_min_fraction: float = 0.1
     embed_dim: int = 128
     embed_method: Literal["linear", "random"] = "linear"
     batch_size: int = 8
@@ -161,6 +163,7 @@ class FreeMaskParams:
         _in_unit("freemask.score_threshold", self.score_threshold)
         _in_unit("freemask.max_box_width", self.max_box_width)
         _in_unit("freemask.top_exclude", self.top_exclude)
+        _in_unit("freemask.component_min_fraction", self.component_min_fraction)
         _positive("freemask.embed_dim", self.embed_dim)
         _positive("freemask.batch_size", self.batch_size)
 
@@ -199,6 +202,7 @@ class FreeSOLOParams:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     centre_sigma: float = 0.2
+    drop_loss_iou: float = 0.0  # > 0: CutLER's DropLoss on the category cells; 0: off (FreeSOLO)
     copy_paste_prob: float = 0.5
     rounds: int = 1
     relabel_score: float = 0.3
@@ -234,7 +238,7 @@ class FreeSOLOParams:
         _check(len(self.train_short_sides) > 0 and all(s >= 32 for s in self.train_short_sides),
                k + "train_short_sides", "must be a non-empty list of sizes >= 32", self.train_short_sides)
         for name in ("momentum", "warmup_factor", "pairwise_colour_threshold", "focal_alpha", "centre_sigma",
-                     "copy_paste_prob", "relabel_score", "test_score_threshold", "test_mask_threshold",
+                     "drop_loss_iou", "copy_paste_prob", "relabel_score", "test_score_threshold", "test_mask_threshold",
                      "test_update_threshold"):
             _in_unit(k + name, getattr(self, name))
         for name in ("weight_decay", "warmup_iters", "clip_grad_norm", "gamma", "mu", "pairwise_weight", "pairwise_warmup",

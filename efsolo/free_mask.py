@@ -94,14 +94,29 @@ def reduce_embedding(queries: torch.Tensor, dim: int, method: str = "linear", se
     raise ValueError(f"unknown freemask.embed_method {method!r}")
 
 
+def split_components(mask: np.ndarray, min_fraction: float) -> list[np.ndarray]:
+    """A binary mask (H, W) -> its 8-connected components of at least ``min_fraction`` of its area,
+    largest first (each a (H, W) bool mask). An empty mask gives []; a connected one gives itself
+    minus the specks below the fraction."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return []
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = [k + 1 for k in np.argsort(-areas, kind="stable") if areas[k] >= min_fraction * areas.sum()]
+    return [labels == k for k in keep]
+
+
 def masks_to_image(soft: torch.Tensor, scores: torch.Tensor, height: int, width: int, score_threshold: float,
-                   max_box_width: float, top_exclude: float,
-                   mask_threshold: float = 0.5) -> tuple[list[np.ndarray], list[float], list[int]]:
+                   max_box_width: float, top_exclude: float, mask_threshold: float = 0.5,
+                   split: bool = False, component_min_fraction: float = 0.1,
+                   ) -> tuple[list[np.ndarray], list[float], list[int]]:
     """Upsample one image's soft maps (k, h, w) to (height, width), binarise and filter.
 
     Drops masks scoring below ``score_threshold``, empty masks, boxes wider than
     ``max_box_width`` of the image and boxes whose centre is in the top ``top_exclude`` of it.
-    Returns (masks, scores, kept slot indices).
+    With ``split``, each mask first becomes its connected components of at least
+    ``component_min_fraction`` of its area, each with the mask's score, and the box filters apply
+    to each component. Returns (masks, scores, slot index of each mask; a split slot repeats).
     """
     keep = (scores >= score_threshold).nonzero().flatten()
     if keep.numel() == 0:
@@ -110,17 +125,18 @@ def masks_to_image(soft: torch.Tensor, scores: torch.Tensor, height: int, width:
                        align_corners=False)[0] >= mask_threshold
     up = up.cpu().numpy()
     out_masks, out_scores, out_idx = [], [], []
-    for m, slot in zip(up, keep.tolist()):
-        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-        if rows.size == 0:
-            continue
-        box_w = cols[-1] - cols[0] + 1
-        centre_y = (rows[0] + rows[-1] + 1) / 2
-        if box_w > max_box_width * width or centre_y < top_exclude * height:
-            continue
-        out_masks.append(m)
-        out_scores.append(float(scores[slot]))
-        out_idx.append(slot)
+    for whole, slot in zip(up, keep.tolist()):
+        for m in split_components(whole, component_min_fraction) if split else [whole]:
+            rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+            if rows.size == 0:
+                continue
+            box_w = cols[-1] - cols[0] + 1
+            centre_y = (rows[0] + rows[-1] + 1) / 2
+            if box_w > max_box_width * width or centre_y < top_exclude * height:
+                continue
+            out_masks.append(m)
+            out_scores.append(float(scores[slot]))
+            out_idx.append(slot)
     return out_masks, out_scores, out_idx
 
 
@@ -161,7 +177,8 @@ def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, d
                 max_side: int, query_scales: tuple[float, ...], mask_threshold: float, min_pixels: int, nms: str,
                 nms_sigma: float, fast_nms_iou: float, keep_top: int, pre_nms_top: int, score_threshold: float,
                 max_box_width: float, top_exclude: float, embed_dim: int, embed_method: str, batch_size: int,
-                seed: int) -> tuple[dict, np.ndarray, list[dict]]:
+                seed: int, split_components: bool = False,
+                component_min_fraction: float = 0.1) -> tuple[dict, np.ndarray, list[dict]]:
     """Free Mask pseudo-labels for a list of manifest records.
 
     Returns (COCO dataset with scored RLE annotations, embeddings (N_ann, embed_dim) float16
@@ -185,7 +202,8 @@ def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, d
                 images.append({"id": r["id"], "file_name": r["file_name"], "width": r["width"],
                                "height": r["height"]})
                 masks, scores, slots = masks_to_image(res.soft[i], res.scores[i], r["height"], r["width"],
-                                                      score_threshold, max_box_width, top_exclude, mask_threshold)
+                                                      score_threshold, max_box_width, top_exclude, mask_threshold,
+                                                      split_components, component_min_fraction)
                 for m, s in zip(masks, scores):
                     anns.append(mask_annotation(m, len(anns) + 1, r["id"], score=s))
                 if slots:

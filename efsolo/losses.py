@@ -79,14 +79,41 @@ def pairwise_loss(logits: torch.Tensor, similarity: torch.Tensor, box_masks: tor
     return (-log_same * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
-    """Sigmoid focal loss summed and divided by (number of positives + 1). Any shape; targets in {0, 1}."""
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigmoid focal loss summed and divided by (number of positives + 1). Any shape; targets in {0, 1};
+    ``weights`` (same shape, optional) scale each element's term (0 drops it)."""
     t = targets.float()
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, t, reduction="none")
     p_t = p * t + (1 - p) * (1 - t)
     a_t = alpha * t + (1 - alpha) * (1 - t)
-    return (a_t * (1 - p_t) ** gamma * ce).sum() / (t.sum() + 1)
+    terms = a_t * (1 - p_t) ** gamma * ce
+    if weights is not None:
+        terms = terms * weights
+    return terms.sum() / (t.sum() + 1)
+
+
+def drop_loss_weights(cell_logits: torch.Tensor, targets: torch.Tensor, positive: torch.Tensor,
+                      iou_threshold: float) -> torch.Tensor:
+    """CutLER's DropLoss for SOLO's category cells: which cells the focal loss keeps.
+
+    cell_logits (K, h, w): every cell's predicted mask logits; targets (N, h, w) bool: the
+    view's pseudo masks; positive (K,) bool: the cells assigned to a pseudo mask. A positive is
+    kept; a negative is kept only when its predicted mask (logit >= 0) has IoU above
+    ``iou_threshold`` with some pseudo mask, so a cell predicting an object the pseudo-labels
+    missed is not pushed to background. Returns (K,) float weights in {0, 1}. No pseudo masks
+    (N = 0): only positives (none) are kept.
+    """
+    k = cell_logits.shape[0]
+    if targets.shape[0] == 0 or k == 0:
+        return positive.float()
+    pred = (cell_logits >= 0).flatten(1).float()  # (K, hw)
+    tgt = targets.flatten(1).float()  # (N, hw)
+    inter = pred @ tgt.T  # (K, N)
+    union = pred.sum(1, keepdim=True) + tgt.sum(1).unsqueeze(0) - inter
+    iou = inter / union.clamp_min(1.0)
+    return (positive | (iou.amax(1) > iou_threshold)).float()
 
 
 def semantic_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -86,8 +86,9 @@ def freemask(p: Params) -> dict:
                          max_side=f.max_side, query_scales=f.query_scales, mask_threshold=f.mask_threshold,
                          min_pixels=f.min_pixels, nms=f.nms, nms_sigma=f.nms_sigma, fast_nms_iou=f.fast_nms_iou,
                          keep_top=f.keep_top, pre_nms_top=f.pre_nms_top, score_threshold=f.score_threshold, max_box_width=f.max_box_width,
-                         top_exclude=f.top_exclude, embed_dim=f.embed_dim, embed_method=f.embed_method,
-                         batch_size=f.batch_size, shard_size=f.shard_size, shard_dir=FREEMASK_SHARD_DIR)
+                         top_exclude=f.top_exclude, split_components=f.split_components,
+                         component_min_fraction=f.component_min_fraction, embed_dim=f.embed_dim,
+                         embed_method=f.embed_method, batch_size=f.batch_size, shard_size=f.shard_size, shard_dir=FREEMASK_SHARD_DIR)
 
 
 def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
@@ -106,7 +107,8 @@ def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
     losses = LossSettings(gamma=f.gamma, mu=f.mu, pairwise_weight=f.pairwise_weight,
                           pairwise_colour_threshold=f.pairwise_colour_threshold,
                           pairwise_dilation=f.pairwise_dilation, pairwise_warmup=f.pairwise_warmup,
-                          focal_alpha=f.focal_alpha, focal_gamma=f.focal_gamma, centre_sigma=f.centre_sigma)
+                          focal_alpha=f.focal_alpha, focal_gamma=f.focal_gamma, centre_sigma=f.centre_sigma,
+                          drop_loss_iou=f.drop_loss_iou)
     return dict(backbone=BACKBONE, arch=arch, seed=p.seed, iters=f.iters, batch_size=f.batch_size, lr=f.lr,
                 momentum=f.momentum, weight_decay=f.weight_decay, warmup_iters=f.warmup_iters,
                 warmup_factor=f.warmup_factor, lr_schedule=f.lr_schedule, lr_steps=f.lr_steps,

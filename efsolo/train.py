@@ -25,8 +25,8 @@ from tqdm import tqdm
 from efsolo import resume
 from efsolo.backbone import load_backbone
 from efsolo.errors import EfsoloError, TrainingError
-from efsolo.losses import (avg_projection_loss, colour_similarity, focal_loss, max_projection_loss, pairwise_loss,
-                           semantic_loss)
+from efsolo.losses import (avg_projection_loss, colour_similarity, drop_loss_weights, focal_loss,
+                           max_projection_loss, pairwise_loss, semantic_loss)
 from efsolo.inference import normalise
 from efsolo.pseudo_labels import Batch, PseudoLabelSet, make_batch
 from efsolo.solo_model import SOLO, SOLOArch, SOLOOutput, dynamic_masks
@@ -48,6 +48,7 @@ class LossSettings:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     centre_sigma: float = 0.2
+    drop_loss_iou: float = 0.0  # > 0: CutLER's DropLoss on the category cells (losses.drop_loss_weights)
 
 
 def _global_count(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,7 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
     b, dev = images.shape[0], images.device
     fh, fw = out.mask_feat.shape[-2:]
     sim = colour_similarity(F.avg_pool2d(images.float(), 4)[..., :fh, :fw], ls.pairwise_dilation)  # (B, 8, h, w)
-    cate_logits, cate_targets = [], []
+    cate_logits, cate_targets, cate_weights = [], [], []
     logits, targets, boxes, sims, pred_emb, tgt_emb = [], [], [], [], [], []
     for i in range(b):
         # target assignment on the CPU copy of the masks: one transfer per view, then no
@@ -85,7 +86,13 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
                                align_corners=False)[0] >= 0.5
         for level, idx in enumerate(cells):
             cate_logits.append(out.cates[level][i].flatten())
-            cate_targets.append((idx >= 0).float().to(dev, non_blocking=True))
+            is_pos = (idx >= 0).to(dev, non_blocking=True)
+            cate_targets.append(is_pos.float())
+            if ls.drop_loss_iou > 0:
+                with torch.no_grad():
+                    every = dynamic_masks(out.kernels[level][i].flatten(1).T.float(), out.mask_feat[i].float())
+                    pseudo = m4 if masks[i].shape[0] else every.new_zeros((0, fh, fw), dtype=torch.bool)
+                    cate_weights.append(drop_loss_weights(every, pseudo, is_pos, ls.drop_loss_iou))
             pos = torch.nonzero(idx >= 0).flatten()
             if pos.numel() == 0:
                 continue
@@ -127,7 +134,8 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
         _global_count(n_local), _global_count(n_local)  # keep the collective calls matched across processes
         l_max = l_avg = l_pair = l_sem = ref.sum() * 0.0
     cate_t = torch.cat(cate_targets)
-    l_focal = focal_loss(torch.cat(cate_logits).float(), cate_t, ls.focal_alpha, ls.focal_gamma) * \
+    cate_w = torch.cat(cate_weights) if cate_weights else None
+    l_focal = focal_loss(torch.cat(cate_logits).float(), cate_t, ls.focal_alpha, ls.focal_gamma, cate_w) * \
         (cate_t.sum() + 1) / (_global_count(cate_t.sum()) + 1)
     warm = min(1.0, (step + 1) / max(1, ls.pairwise_warmup))
     l_mask = ls.gamma * l_avg + l_max + ls.pairwise_weight * warm * l_pair

@@ -2,7 +2,7 @@ import pytest
 import numpy as np
 import torch
 
-from efsolo.free_mask import free_mask, masks_to_image, reduce_embedding
+from efsolo.free_mask import free_mask, masks_to_image, reduce_embedding, split_components
 
 
 def _two_region_features():
@@ -57,6 +57,32 @@ def test_masks_to_image_filters():
     assert slots == [0] and kept == pytest.approx([0.9])
     assert masks[0].shape == (8, 8) and masks[0][4:, 2:6].all() and masks[0].sum() == 16
     assert masks_to_image(soft, torch.tensor([0.5, 0.5, 0.5]), 8, 8, 0.7, 0.95, 0.2) == ([], [], [])
+
+
+def test_split_components_largest_first_and_specks_dropped():
+    m = np.zeros((6, 8), bool)
+    m[0:2, 0:2] = True  # 4 px
+    m[3:6, 4:8] = True  # 12 px
+    m[0, 7] = True  # 1 px: below 0.1 of 17
+    parts = split_components(m, 0.1)
+    assert [int(p.sum()) for p in parts] == [12, 4]
+    assert parts[0][3:6, 4:8].all() and parts[1][0:2, 0:2].all()
+    diagonal = np.eye(3, dtype=bool)  # 8-connected: one part
+    assert len(split_components(diagonal, 0.1)) == 1
+    assert split_components(np.zeros((3, 3), bool), 0.1) == []
+
+
+def test_masks_to_image_split_filters_each_part():
+    soft = torch.zeros(1, 4, 4)
+    soft[0, 2:, 0] = 1.0  # bottom left
+    soft[0, 2:, 3] = 1.0  # bottom right: a second part of the same mask
+    soft[0, 0, 1:3] = 1.0  # a third part in the top 20%: dropped by the box filter
+    scores = torch.tensor([0.9])
+    whole, _, slots = masks_to_image(soft, scores, 4, 4, 0.7, 0.95, 0.2)
+    assert slots == [] and whole == []  # unsplit, the three parts' box spans the width
+    parts, kept, slots = masks_to_image(soft, scores, 4, 4, 0.7, 0.95, 0.2, split=True)
+    assert slots == [0, 0] and kept == pytest.approx([0.9, 0.9])
+    assert [int(p.sum()) for p in parts] == [2, 2] and parts[0][2:, 0].all() and parts[1][2:, 3].all()
 
 
 def test_reduce_embedding():

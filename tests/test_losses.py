@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from efsolo.losses import (avg_projection_loss, colour_similarity, dice_distance, focal_loss, max_projection_loss,
-                           pairwise_loss, rgb_to_lab, semantic_loss)
+from efsolo.losses import (avg_projection_loss, colour_similarity, dice_distance, drop_loss_weights, focal_loss,
+                           max_projection_loss, pairwise_loss, rgb_to_lab, semantic_loss)
 
 
 def _square(k=2, size=12):
@@ -57,6 +57,25 @@ def test_focal_and_semantic_known_values():
     v = torch.tensor([[1.0, 2.0, 3.0]])
     assert semantic_loss(v, v).item() == pytest.approx(0.0, abs=1e-6)
     assert semantic_loss(v, -v).item() == pytest.approx(2.0)
+    # weights drop terms: two of four negatives kept is half the loss
+    w = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert focal_loss(torch.zeros(4), torch.zeros(4), weights=w).item() == pytest.approx(2 * 0.75 * 0.25 * math.log(2))
+
+
+def test_drop_loss_keeps_positives_and_negatives_that_overlap_a_pseudo_mask():
+    target = torch.zeros(1, 4, 4, dtype=torch.bool)
+    target[0, :2, :2] = True  # 4 px
+    cells = torch.full((4, 4, 4), -5.0)
+    cells[0, :2, :2] = 5.0  # cell 0: the pseudo mask itself, but a negative: kept
+    cells[1, 2:, 2:] = 5.0  # cell 1: an object the pseudo-labels missed: dropped
+    cells[2, 1, 1:3] = 5.0  # cell 2: overlaps by 1 px (IoU 1/5): kept
+    # cell 3: an empty mask, assigned as a positive: kept
+    positive = torch.tensor([False, False, False, True])
+    assert drop_loss_weights(cells, target, positive, 0.01).tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert drop_loss_weights(cells, target, positive, 0.25).tolist() == [1.0, 0.0, 0.0, 1.0]
+    # no pseudo masks: only positives are kept
+    none = torch.zeros(0, 4, 4, dtype=torch.bool)
+    assert drop_loss_weights(cells, none, positive, 0.01).tolist() == [0.0, 0.0, 0.0, 1.0]
 
 
 @pytest.mark.parametrize("fn", [max_projection_loss, avg_projection_loss])

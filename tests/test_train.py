@@ -265,3 +265,24 @@ def test_two_rounds_relabel_the_training_set(tiny):
         assert list(z["ann_ids"]) == [a["id"] for a in relabelled["annotations"]]
         assert z["embeddings"].shape == (len(relabelled["annotations"]), ARCH.embed_dim)
     assert (tiny / "rounds" / "model.pt").exists() and (tiny / "rounds" / "val.json").exists()
+
+
+def test_drop_loss_only_lowers_the_focal_term():
+    from efsolo.solo_model import SOLO
+    from efsolo.train import solo_losses
+
+    torch.manual_seed(0)
+    model = SOLO(ARCH).eval()
+    images = torch.rand(2, 3, 64, 64)
+    masks = [torch.zeros(2, 64, 64, dtype=torch.bool), torch.zeros(0, 64, 64, dtype=torch.bool)]
+    masks[0][0, 8:30, 8:30] = True
+    masks[0][1, 36:60, 30:58] = True
+    embeds = [torch.randn(2, ARCH.embed_dim), torch.zeros(0, ARCH.embed_dim)]
+    with torch.no_grad():
+        out = model(images)
+    terms = [solo_losses(out, images, masks, embeds, ARCH.grids, DEFAULT_SCALE_RANGES,
+                         LossSettings(drop_loss_iou=iou), step=0) for iou in (0.0, 0.01)]
+    off, on = terms
+    assert on["focal"] < off["focal"]  # some negatives are dropped (the second view has no pseudo mask)
+    for k in ("max_proj", "avg_proj", "pairwise", "sem", "positives"):
+        assert on[k] == pytest.approx(off[k].item())
