@@ -174,3 +174,35 @@ def test_plots_show_gives_one_html_report_with_every_plot(repo, tmp_path):
 def test_bad_params_stop_with_one_line(repo, tmp_path):
     bad, lines = _stage_error(repo, tmp_path, "freemask", {"freemask": {"mask_threshold": 2}})
     assert lines == [f"error: {bad}: freemask.mask_threshold must be in [0, 1], got 2.0"]
+
+
+def _readme_block(start: str, end: str) -> str:
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(start) + len(start):text.index(end)]
+    return block.split("```bash", 1)[1].rsplit("```", 1)[0]
+
+
+@pytest.mark.e2e
+def test_readme_commands_after_the_demo_run_from_a_fresh_shell(repo):
+    """The README's after-demo block, as written, in a shell whose PATH lacks the environment.
+    Last in the module: it leaves eec.alpha changed in the workspace."""
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the tests run outside a virtual environment: there is no .venv to activate")
+    (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    with open(repo / ".git" / "info" / "exclude", "a") as f:
+        f.write(".venv\nseg/\n")  # .gitignore's ".venv/" does not match a symlink
+    block = _readme_block("<!-- after-demo:start -->", "<!-- after-demo:end -->")
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                           if p and Path(p).resolve() != BIN.resolve())
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env.update(PATH=path, DVC_NO_ANALYTICS="1")
+    fresh = subprocess.run(["bash", "-c", "python -c 'import efsolo'"], cwd=repo, env=env, capture_output=True)
+    if fresh.returncode == 0:
+        pytest.skip("efsolo is importable without the environment here: the fresh shell would prove nothing")
+    proc = subprocess.run(["bash", "-e", "-c", block], cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"README block failed:\n{block}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert _ran(proc.stdout) == {"exemplar_freesolo", "evaluate@exemplar_freesolo", "report"}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["eec"]["alpha"] == 0.85
+    assert (repo / "dvc_plots" / "index.html").exists()
+    assert json.loads((repo / "seg" / "results.json").read_text()) is not None
+    assert "exemplar_freesolo" in proc.stdout  # dvc exp show / metrics diff list the model's metrics
