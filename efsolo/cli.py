@@ -101,12 +101,14 @@ def seeds(seed: list[int] = typer.Option([0, 1, 2], "--seeds", help="Seeds to ru
           readme: Optional[str] = typer.Option(None, help="Also write the table into this README, between its "
                                                           "seeds markers."),
           target: list[str] = typer.Option([], "--target", help="Run only these stages and what they need "
-                                                                 "(e.g. evaluate@freesolo); repeat the option.")) -> None:
+                                                                 "(e.g. evaluate@freesolo); repeat the option."),
+          collect: bool = typer.Option(False, "--collect", help="Run nothing: summarise the finished "
+                                                                "experiments seed-N.")) -> None:
     """Run the whole pipeline for several seeds (a DVC experiment queue) and summarise mean ± std."""
     from efsolo import seeds as sd
 
     def go() -> str:
-        text = sd.table(sd.run(list(seed), list(set_param), out, targets=list(target)))
+        text = sd.table(sd.run(list(seed), list(set_param), out, targets=list(target), only_collect=collect))
         if readme:
             pipeline.replace_between_markers(readme, sd.README_START, sd.README_END, text)
         return text

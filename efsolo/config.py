@@ -47,6 +47,7 @@ class SyntheticParams:
     image_size: int = 160
     min_objects: int = 2
     max_objects: int = 6
+    look: Literal["gradient", "photo"] = "gradient"
 
     def __post_init__(self) -> None:
         _positive("data.synthetic.num_train", self.num_train)

@@ -64,14 +64,14 @@ def _require_nonempty(images: list, what: str) -> None:
 
 
 def prepare_synthetic(out_dir: Path, seed: int, num_train: int, num_val: int, image_size: int,
-                      min_objects: int, max_objects: int) -> dict:
+                      min_objects: int, max_objects: int, look: str = "gradient") -> dict:
     from efsolo.synthetic import make_scene
 
     outputs: dict[str, dict] = {}
     for split, count in (("train", num_train), ("val", num_val)):
         records, anns = [], []
         for i in tqdm(range(count), desc=f"synthetic {split}", disable=None, leave=False):
-            scene = make_scene(seed, split, i, image_size, min_objects, max_objects)
+            scene = make_scene(seed, split, i, image_size, min_objects, max_objects, look)
             path = out_dir / "images" / split / f"{i:05d}.png"
             atomic.write_image(path, scene.image)
             image_id = i + 1
@@ -167,11 +167,12 @@ def prepare_folder(split: str, folders: tuple[str, ...], source: str) -> dict:
 
 def run(out_dir: str | Path, source: str, seed: int, train_images: tuple[str, ...] = (),
         val_images: tuple[str, ...] = (), val_annotations: str = "", voc_image_set: str = "", num_train: int = 320,
-        num_val: int = 80, image_size: int = 160, min_objects: int = 2, max_objects: int = 6) -> dict:
+        num_val: int = 80, image_size: int = 160, min_objects: int = 2, max_objects: int = 6,
+        look: str = "gradient") -> dict:
     """Prepare both splits and write the manifests, ground truth and report. Returns the report."""
     out_dir = Path(out_dir)
     if source == "synthetic":
-        splits = prepare_synthetic(out_dir, seed, num_train, num_val, image_size, min_objects, max_objects)
+        splits = prepare_synthetic(out_dir, seed, num_train, num_val, image_size, min_objects, max_objects, look)
     elif source == "coco":
         splits = {"train": prepare_folder("train", train_images, "coco"),
                   "val": prepare_coco_val(val_images, val_annotations)}

@@ -49,7 +49,7 @@ def data(p: Params) -> dict:
                         val_images=d.val_images, val_annotations=d.val_annotations,
                         voc_image_set=d.voc_image_set, num_train=s.num_train,
                         num_val=s.num_val, image_size=s.image_size, min_objects=s.min_objects,
-                        max_objects=s.max_objects)
+                        max_objects=s.max_objects, look=s.look)
 
 
 def backbone(p: Params) -> dict:

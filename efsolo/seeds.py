@@ -136,19 +136,26 @@ def workspace_metrics(seed: int, overrides: list[str], metrics_dir: str | Path =
 
 
 def run(seeds: list[int], overrides: list[str], out: str | Path = "metrics/seeds.json", poll: float = 10.0,
-        targets: list[str] | None = None) -> dict:
+        targets: list[str] | None = None, only_collect: bool = False) -> dict:
     """Queue the pipeline for every seed, run the queue (one job at a time), wait, summarise.
 
     A seed whose results the workspace already holds (``dvc repro`` with that seed, nothing
     changed since) is read from ``metrics/`` instead of being run again. ``targets`` (stage
-    names, e.g. ``evaluate@freesolo``) limit each run to those stages and what they need."""
+    names, e.g. ``evaluate@freesolo``) limit each run to those stages and what they need.
+    ``only_collect``: run nothing, read the finished experiments ``seed-N`` (after an
+    interrupted wait, or a queue started by hand)."""
     if not seeds:
         raise EfsoloError("seeds: give at least one seed")
     known = {s: m for s in seeds if (m := workspace_metrics(s, overrides)) is not None}
     if known:
         print(f"seed {', '.join(map(str, known))}: the workspace's results (dvc status: up to date)")
     names = [f"seed-{s}" for s in seeds if s not in known]
-    found = _run_queue(names, overrides, poll, targets or []) if names else {}
+    if not names:
+        found = {}
+    elif only_collect:
+        found = collect(names)
+    else:
+        found = _run_queue(names, overrides, poll, targets or [])
     per_seed = {**known, **{int(n.split("-", 1)[1]): found[n] for n in names}}
     # a run limited to some evaluations carries the other models' metrics files unchanged from
     # the commit it started from: keep only the models it evaluated
@@ -177,8 +184,17 @@ def _run_queue(names: list[str], overrides: list[str], poll: float, targets: lis
         time.sleep(poll)
     status = _dvc("queue", "status").splitlines()
     failed = [n for n in names if any(n in line.split() and "Failed" in line for line in status)]
-    found = experiment_metrics(json.loads(_dvc("exp", "show", "--json")), names)
+    if failed:
+        raise EfsoloError(f"seeds: experiments {', '.join(failed)} failed; see `dvc queue logs <name>`")
+    return collect(names)
+
+
+def collect(names: list[str]) -> dict[str, dict]:
+    """The metrics of the finished experiments ``names``, whatever commit they started from (a
+    commit made while the queue ran moves HEAD away from their baseline)."""
+    found = experiment_metrics(json.loads(_dvc("exp", "show", "--json", "--all-commits")), names)
     missing = [n for n in names if n not in found]
-    if failed or missing:
-        raise EfsoloError(f"seeds: experiments {', '.join(failed or missing)} did not finish; see `dvc queue logs <name>`")
+    if missing:
+        raise EfsoloError(f"seeds: no finished experiment {', '.join(missing)}; see `dvc queue status` "
+                          "and `dvc queue logs <name>`")
     return found

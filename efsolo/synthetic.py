@@ -1,10 +1,16 @@
 """The embedded demo dataset: multi-object scenes built from images that ship with scikit-image.
 
 An object's hidden kind is (shape, texture family): 3 shapes x 4 families = 12 kinds.
-Backgrounds are tinted, low-contrast crops of other shipped images under a colour
-gradient. Objects occlude each other (painted in order; ground-truth masks are the
-visible parts), and their sizes span COCO's small, medium and large ranges.
-Everything is a deterministic function of (seed, split, index).
+Objects occlude each other (painted in order; ground-truth masks are the visible parts),
+and their sizes span COCO's small, medium and large ranges. Two looks:
+
+- ``gradient`` (the demo's): backgrounds are tinted, low-contrast crops of other shipped
+  images under a colour gradient; objects carry their family's texture.
+- ``photo``: backgrounds are colour crops of the shipped photographs; half of the objects
+  are cut from elsewhere in the same photograph (a texture like their surroundings), the
+  rest carry their family's texture; then a lighting gradient, and blur on half the images.
+
+Everything is a deterministic function of (seed, split, index, look).
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ FAMILIES = ("brick", "grass", "photo", "cells")
 NUM_KINDS = len(SHAPES) * len(FAMILIES)
 _BACKGROUND_SOURCES = ("gravel", "moon", "camera", "clock", "page", "coins", "text")
 _PHOTO_SOURCES = ("astronaut", "coffee", "chelsea", "rocket")
+_SCENE_SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina")
 _SPLIT_IDS = {"train": 0, "val": 1}
+LOOKS = ("gradient", "photo")
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,13 +73,17 @@ def _texture(rng: np.random.Generator, family: str, h: int, w: int) -> np.ndarra
     raise ValueError(f"unknown texture family {family!r}")
 
 
+def _ramp(angle: float, size: int) -> np.ndarray:
+    """(size, size, 1) float32 in [0, 1], rising linearly across the image in direction ``angle``."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return np.clip(0.5 + (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle), 0, 1)[:, :, None]
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     gray = _crop(rng, _source(_BACKGROUND_SOURCES[rng.integers(len(_BACKGROUND_SOURCES))]), size, size)
     gray = gray.mean(axis=2, keepdims=True)
     c0, c1 = rng.uniform(0.25, 0.75, size=3), rng.uniform(0.25, 0.75, size=3)
-    angle = rng.uniform(0, 2 * np.pi)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    t = np.clip(0.5 + (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle), 0, 1)[:, :, None]
+    t = _ramp(rng.uniform(0, 2 * np.pi), size)
     colour = (1 - t) * c0 + t * c1
     return np.clip(colour * (0.7 + 0.45 * gray), 0, 1).astype(np.float32)
 
@@ -96,6 +108,27 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: int, cx: float, cy: 
     return mask.astype(bool)
 
 
+def _photo_background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """A colour crop of a shipped photograph, and the photograph's name."""
+    name = _SCENE_SOURCES[rng.integers(len(_SCENE_SOURCES))]
+    return _crop(rng, _source(name), size, size), name
+
+
+def _camouflage(rng: np.random.Generator, source: str, h: int, w: int) -> np.ndarray:
+    """A texture cut from elsewhere in the background's photograph, slightly re-coloured."""
+    return np.clip(_crop(rng, _source(source), h, w) * rng.uniform(0.8, 1.2, size=3).astype(np.float32), 0, 1)
+
+
+def _lighting(rng: np.random.Generator, canvas: np.ndarray) -> np.ndarray:
+    """A linear lighting gradient (gain 0.55 to 1.3 across the image), and blur on half the images."""
+    size = canvas.shape[0]
+    g0, g1 = rng.uniform(0.55, 1.0), rng.uniform(0.9, 1.3)
+    out = np.clip(canvas * (g0 + (g1 - g0) * _ramp(rng.uniform(0, 2 * np.pi), size)), 0, 1)
+    if rng.uniform() < 0.5:
+        out = cv2.GaussianBlur(out, (0, 0), rng.uniform(0.5, 1.5))
+    return out.astype(np.float32)
+
+
 @dataclass(frozen=True)
 class Scene:
     image: np.ndarray  # (H, W, 3) uint8 RGB
@@ -103,10 +136,17 @@ class Scene:
     kinds: list[int]  # hidden kind of each object: family * len(SHAPES) + shape
 
 
-def make_scene(seed: int, split: str, index: int, size: int, min_objects: int, max_objects: int) -> Scene:
+def make_scene(seed: int, split: str, index: int, size: int, min_objects: int, max_objects: int,
+               look: str = "gradient") -> Scene:
     """One deterministic multi-object scene. Objects too occluded to be visible are not drawn."""
-    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
-    canvas = _background(rng, size)
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}: one of {', '.join(LOOKS)}")
+    if look == "gradient":  # the demo's look: its random stream is unchanged by the other looks
+        rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+        canvas, scene_source = _background(rng, size), ""
+    else:
+        rng = np.random.default_rng([seed, _SPLIT_IDS[split], index, LOOKS.index(look)])
+        canvas, scene_source = _photo_background(rng, size)
     n = int(rng.integers(min_objects, max_objects + 1))
     objs = []
     for _ in range(n):
@@ -131,10 +171,15 @@ def make_scene(seed: int, split: str, index: int, size: int, min_objects: int, m
     for mask, _visible, _kind, family in keep:
         ys, xs = np.nonzero(mask)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        tex = _texture(rng, family, y1 - y0, x1 - x0)
+        if scene_source and rng.uniform() < 0.5:
+            tex = _camouflage(rng, scene_source, y1 - y0, x1 - x0)
+        else:
+            tex = _texture(rng, family, y1 - y0, x1 - x0)
         shade = rng.uniform(0.85, 1.15)
         region = canvas[y0:y1, x0:x1]
         m = mask[y0:y1, x0:x1]
         region[m] = np.clip(tex[m] * shade, 0, 1)
+    if look == "photo":
+        canvas = _lighting(rng, canvas)
     image = (canvas * 255 + 0.5).astype(np.uint8)
     return Scene(image=image, masks=[v for _, v, _, _ in keep], kinds=[k for _, _, k, _ in keep])

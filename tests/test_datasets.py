@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import cv2
@@ -16,13 +17,14 @@ def _write_images(folder, n, size=(20, 30)):
         cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 255, (*size, 3), dtype=np.uint8))
 
 
-def test_synthetic_is_deterministic_and_valid():
-    a, b = make_scene(0, "val", 3, 96, 2, 6), make_scene(0, "val", 3, 96, 2, 6)
+@pytest.mark.parametrize("look", ["gradient", "photo"])
+def test_synthetic_is_deterministic_and_valid(look):
+    a, b = make_scene(0, "val", 3, 96, 2, 6, look), make_scene(0, "val", 3, 96, 2, 6, look)
     assert np.array_equal(a.image, b.image) and a.kinds == b.kinds
-    assert not np.array_equal(a.image, make_scene(1, "val", 3, 96, 2, 6).image)
+    assert not np.array_equal(a.image, make_scene(1, "val", 3, 96, 2, 6, look).image)
     kinds = set()
     for i in range(40):
-        s = make_scene(0, "train", i, 96, 2, 6)
+        s = make_scene(0, "train", i, 96, 2, 6, look)
         assert 1 <= len(s.masks) <= 6
         union = np.zeros((96, 96), int)
         for m in s.masks:
@@ -31,6 +33,17 @@ def test_synthetic_is_deterministic_and_valid():
         assert union.max() <= 1  # visible masks do not overlap
         kinds.update(s.kinds)
     assert len(kinds) >= 8 and max(kinds) < NUM_KINDS
+
+
+def test_the_default_look_is_unchanged_and_the_photo_look_differs():
+    """The gradient look's images are pinned: adding looks must not change the demo's data."""
+    scenes = [make_scene(s, split, i, 160, 2, 6) for s in (0, 1) for split in ("train", "val") for i in range(3)]
+    digest = hashlib.sha256(b"".join(sc.image.tobytes() for sc in scenes)).hexdigest()
+    assert digest == "1ccd6142b44ef8f6db185911f103d225807e537b1798dbb21427df75fea3de25"
+    photo = make_scene(0, "train", 0, 160, 2, 6, "photo")
+    assert not np.array_equal(photo.image, scenes[0].image)
+    with pytest.raises(ValueError, match="unknown look 'sketch'"):
+        make_scene(0, "train", 0, 64, 2, 6, "sketch")
 
 
 def test_synthetic_run_writes_manifests_and_gt(tmp_path):

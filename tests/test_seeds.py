@@ -53,3 +53,26 @@ def test_paired_difference_of_exemplar_freesolo_and_freesolo():
     text = table(result)
     assert "| exemplar_freesolo - freesolo | 0 | +2.00 |" in text and "| exemplar_freesolo / freesolo | ratio of means | 1.06 |" in text
     assert "paired" not in summarise({0: {"freesolo": m(10)}})
+
+
+def test_collect_reads_experiments_of_every_commit_and_names_the_missing(monkeypatch):
+    import json
+
+    from efsolo import seeds as sd
+    from efsolo.errors import EfsoloError
+
+    calls = []
+    # seed-1 started from an older commit than HEAD: only --all-commits lists it
+    older = [{"rev": "c1", "name": "main", "data": {"metrics": {}}, "experiments": None},
+             {"rev": "c0", "name": None, "data": {"metrics": {}}, "experiments": [
+                 {"revs": [_exp("seed-1", "2026-01-01T00:00:00", 0.20)]}]}]
+
+    def fake_dvc(*args, check=True):
+        calls.append(args)
+        return json.dumps(older if "--all-commits" in args else older[:1])
+
+    monkeypatch.setattr(sd, "_dvc", fake_dvc)
+    assert sd.collect(["seed-1"])["seed-1"]["freesolo"]["segm"]["AP"] == 0.20
+    assert calls == [("exp", "show", "--json", "--all-commits")]
+    with pytest.raises(EfsoloError, match="no finished experiment seed-2"):
+        sd.collect(["seed-1", "seed-2"])
