@@ -96,8 +96,6 @@ class PretrainParams:
     temperature: float = 0.2
     dense_weight: float = 0.5
     proj_dim: int = 128
-    log_every: int = 10
-    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         _non_negative("backbone.pretrain.iters", self.iters)
@@ -111,8 +109,6 @@ class PretrainParams:
         _positive("backbone.pretrain.temperature", self.temperature)
         _in_unit("backbone.pretrain.dense_weight", self.dense_weight)
         _positive("backbone.pretrain.proj_dim", self.proj_dim)
-        _positive("backbone.pretrain.log_every", self.log_every)
-        _positive("backbone.pretrain.checkpoint_every", self.checkpoint_every)
 
 
 @dataclass(frozen=True)
@@ -145,11 +141,8 @@ class FreeMaskParams:
     component_min_fraction: float = 0.1
     embed_dim: int = 128
     embed_method: Literal["linear", "random"] = "linear"
-    batch_size: int = 8
-    shard_size: int = 2000
 
     def __post_init__(self) -> None:
-        _non_negative("freemask.shard_size", self.shard_size)
         _check(self.short_side >= 32, "freemask.short_side", "must be >= 32", self.short_side)
         _check(self.max_side >= self.short_side, "freemask.max_side", "must be >= freemask.short_side",
                self.max_side)
@@ -166,7 +159,6 @@ class FreeMaskParams:
         _in_unit("freemask.top_exclude", self.top_exclude)
         _in_unit("freemask.component_min_fraction", self.component_min_fraction)
         _positive("freemask.embed_dim", self.embed_dim)
-        _positive("freemask.batch_size", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -208,9 +200,6 @@ class FreeSOLOParams:
     rounds: int = 1
     relabel_score: float = 0.3
     relabel_max: int = 20
-    log_every: int = 20
-    checkpoint_every: int = 500
-    eval_every: int = 0  # > 0: val segm AP / AP50 every N iterations into DVCLive (learning curves)
     test_short_side: int = 800
     test_max_side: int = 1333
     test_score_threshold: float = 0.1
@@ -223,11 +212,10 @@ class FreeSOLOParams:
     def __post_init__(self) -> None:
         k = "freesolo."
         for name in ("fpn_channels", "head_channels", "head_convs", "mask_channels", "kernel_dim", "max_side", "iters",
-                     "batch_size", "lr", "log_every", "checkpoint_every", "test_short_side", "test_max_side",
+                     "batch_size", "lr", "test_short_side", "test_max_side",
                      "test_nms_pre", "test_max_per_image", "test_nms_sigma", "rounds", "relabel_max",
                      "pairwise_dilation"):
             _positive(k + name, getattr(self, name))
-        _non_negative(k + "eval_every", self.eval_every)
         _check(0 <= self.ema_decay < 1, k + "ema_decay", "must be in [0, 1)", self.ema_decay)
         _check(all(0 < f < 1 for f in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps),
                k + "lr_steps", "must be increasing fractions of iters in (0, 1)", self.lr_steps)
@@ -324,9 +312,53 @@ class ReportParams:
 
 
 @dataclass(frozen=True)
+class PretrainRuntime:
+    log_every: int = 10
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        _positive("runtime.pretrain.log_every", self.log_every)
+        _positive("runtime.pretrain.checkpoint_every", self.checkpoint_every)
+
+
+@dataclass(frozen=True)
+class FreeMaskRuntime:
+    batch_size: int = 8  # images an inference batch (images of one size are batched together)
+    shard_size: int = 2000  # images a shard: finished shards are kept, an interrupted labelling resumes
+
+    def __post_init__(self) -> None:
+        _positive("runtime.freemask.batch_size", self.batch_size)
+        _non_negative("runtime.freemask.shard_size", self.shard_size)
+
+
+@dataclass(frozen=True)
+class TrainingRuntime:
+    log_every: int = 20
+    checkpoint_every: int = 500
+    eval_every: int = 0  # > 0: val segm AP / AP50 every N iterations into DVCLive (learning curves)
+
+    def __post_init__(self) -> None:
+        _positive("runtime.freesolo.log_every", self.log_every)
+        _positive("runtime.freesolo.checkpoint_every", self.checkpoint_every)
+        _non_negative("runtime.freesolo.eval_every", self.eval_every)
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """How the stages run, not what they compute. No stage declares these in ``dvc.yaml``, so
+    changing one re-runs nothing (``dvc repro -f -s <stage>`` applies it to a finished stage).
+    The trainings' results do not depend on the logging, checkpoint or evaluation intervals
+    (tests/test_train.py); the device does, within float noise (CPU and CUDA differ)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    pretrain: PretrainRuntime = field(default_factory=PretrainRuntime)
+    freemask: FreeMaskRuntime = field(default_factory=FreeMaskRuntime)
+    freesolo: TrainingRuntime = field(default_factory=TrainingRuntime)  # FreeSOLO and Exemplar-FreeSOLO
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataParams = field(default_factory=DataParams)
     backbone: BackboneParams = field(default_factory=BackboneParams)
     freemask: FreeMaskParams = field(default_factory=FreeMaskParams)
@@ -334,6 +366,7 @@ class Params:
     exemplar: ExemplarParams = field(default_factory=ExemplarParams)
     eec: EECParams = field(default_factory=EECParams)
     report: ReportParams = field(default_factory=ReportParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
     def __post_init__(self) -> None:
         _check(self.eec.start_iter < self.freesolo.iters, "eec.start_iter",

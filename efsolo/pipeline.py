@@ -71,8 +71,8 @@ def backbone(p: Params) -> dict:
                         iters=t.iters, batch_size=t.batch_size, crop_size=t.crop_size, lr=t.lr,
                         weight_decay=t.weight_decay, momentum=t.momentum, queue_size=t.queue_size,
                         temperature=t.temperature, dense_weight=t.dense_weight, proj_dim=t.proj_dim,
-                        log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-                        device=resolve_device(p.device))
+                        log_every=p.runtime.pretrain.log_every, checkpoint_every=p.runtime.pretrain.checkpoint_every,
+                        device=resolve_device(p.runtime.device))
 
 
 def freemask(p: Params) -> dict:
@@ -80,7 +80,7 @@ def freemask(p: Params) -> dict:
     from efsolo.backbone import resolve_device
 
     f = p.freemask
-    return free_mask.run(TRAIN_MANIFEST, VAL_MANIFEST, BACKBONE, FREEMASK_DIR, device=resolve_device(p.device),
+    return free_mask.run(TRAIN_MANIFEST, VAL_MANIFEST, BACKBONE, FREEMASK_DIR, device=resolve_device(p.runtime.device),
                          feature_stride=f.feature_stride, feature_level=f.feature_level, seed=p.seed,
                          short_side=f.short_side,
                          max_side=f.max_side, query_scales=f.query_scales, mask_threshold=f.mask_threshold,
@@ -88,17 +88,19 @@ def freemask(p: Params) -> dict:
                          keep_top=f.keep_top, pre_nms_top=f.pre_nms_top, score_threshold=f.score_threshold, max_box_width=f.max_box_width,
                          top_exclude=f.top_exclude, split_components=f.split_components,
                          component_min_fraction=f.component_min_fraction, embed_dim=f.embed_dim,
-                         embed_method=f.embed_method, batch_size=f.batch_size, shard_size=f.shard_size, shard_dir=FREEMASK_SHARD_DIR)
+                         embed_method=f.embed_method, batch_size=p.runtime.freemask.batch_size,
+                         shard_size=p.runtime.freemask.shard_size, shard_dir=FREEMASK_SHARD_DIR)
 
 
 def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
-    """The network and training settings of ``freesolo`` as plain keyword arguments of ``train.train``."""
+    """The network and training settings of ``freesolo`` (and the ``runtime.freesolo`` intervals) as
+    plain keyword arguments of ``train.train``."""
     import numpy as np
 
     from efsolo.solo_model import SOLOArch
     from efsolo.train import LossSettings
 
-    f = p.freesolo
+    f, r = p.freesolo, p.runtime.freesolo
     with np.load(embeddings) as z:
         embed_dim = int(z["embeddings"].shape[1])
     arch = SOLOArch(arch=p.backbone.arch, fpn_channels=f.fpn_channels, head_channels=f.head_channels,
@@ -114,7 +116,7 @@ def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
                 warmup_factor=f.warmup_factor, lr_schedule=f.lr_schedule, lr_steps=f.lr_steps,
                 clip_grad_norm=f.clip_grad_norm, ema_decay=f.ema_decay, train_short_sides=f.train_short_sides, max_side=f.max_side,
                 losses=losses, scale_ranges=f.scale_ranges, copy_paste_prob=f.copy_paste_prob,
-                log_every=f.log_every, checkpoint_every=f.checkpoint_every, eval_every=f.eval_every)
+                log_every=r.log_every, checkpoint_every=r.checkpoint_every, eval_every=r.eval_every)
 
 
 def test_settings(p: Params):
@@ -136,7 +138,7 @@ def freesolo(p: Params) -> dict:
                   train_manifest=TRAIN_MANIFEST, model_path=FREESOLO_MODEL, predictions_path=PREDICTIONS["freesolo"],
                   stats_path=METRICS_DIR / "train" / "freesolo.json", work_dir=FREESOLO_WORK_DIR, live_dir=FREESOLO_LIVE_DIR, rounds=f.rounds,
                   relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=test_settings(p),
-                  test_short_side=f.test_short_side, test_max_side=f.test_max_side, device=resolve_device(p.device),
+                  test_short_side=f.test_short_side, test_max_side=f.test_max_side, device=resolve_device(p.runtime.device),
                   val_gt=VAL_GT, state_at=p.eec.start_iter, state_path=FREESOLO_START,
                   **solo_training_kwargs(p, embeddings))
 
@@ -156,7 +158,7 @@ def refine(p: Params) -> dict:
     f = p.freesolo
     return run_refine(EXEMPLAR_DIR / "crops.json", FREESOLO_MODEL, EXEMPLAR_DIR, short_side=f.test_short_side,
                       max_side=f.test_max_side, test=test_settings(p), min_overlap=p.exemplar.refine_min_overlap,
-                      device=resolve_device(p.device), fallback=p.exemplar.refine_fallback)
+                      device=resolve_device(p.runtime.device), fallback=p.exemplar.refine_fallback)
 
 
 def pool(p: Params) -> dict:
@@ -165,7 +167,7 @@ def pool(p: Params) -> dict:
 
     e = p.eec
     return run_pool(EXEMPLAR_DIR / "pool.json", BACKBONE, POOL, feature_level=e.feature_level, upsample=e.upsample,
-                    short_side=e.exemplar_short_side, max_side=e.exemplar_max_side, device=resolve_device(p.device),
+                    short_side=e.exemplar_short_side, max_side=e.exemplar_max_side, device=resolve_device(p.runtime.device),
                     view=e.exemplar_view)
 
 
@@ -199,7 +201,7 @@ def exemplar_freesolo(p: Params) -> dict:
                   stats_path=METRICS_DIR / "train" / "exemplar_freesolo.json", work_dir=EFS_WORK_DIR,
                   live_dir=EFS_LIVE_DIR, rounds=1, relabel_score=f.relabel_score, relabel_max=f.relabel_max,
                   test=test_settings(p), test_short_side=f.test_short_side, test_max_side=f.test_max_side,
-                  device=resolve_device(p.device), val_gt=VAL_GT,
+                  device=resolve_device(p.runtime.device), val_gt=VAL_GT,
                   extra_modules={"eec": EECModule(channels, e.upsample, e.proj_dim if e.logits == "projection" else 0,
                                                   seed=p.seed)},
                   extra_loss=extra_loss, init_state=FREESOLO_START,

@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
-from efsolo.config import ParamsError, load_params, params_from_dict
+from efsolo.config import Params, ParamsError, load_params, params_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_roundtrip_of_repo_params():
@@ -50,3 +54,47 @@ def test_params_are_frozen():
     p = params_from_dict({})
     with pytest.raises(Exception):
         p.seed = 3  # type: ignore[misc]
+
+
+def _schema_keys(cls, prefix=""):
+    """Dotted keys of every leaf field of a params dataclass."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _schema_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name
+
+
+def _yaml_keys(raw, prefix=""):
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            yield from _yaml_keys(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k
+
+
+def test_params_yaml_sets_every_field_of_the_schema():
+    """No default is used silently: the demo's params file writes every key the code reads."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    missing = sorted(set(_schema_keys(Params)) - set(_yaml_keys(raw)))
+    assert not missing, f"params.yaml does not set {missing}"
+
+
+def test_stages_declare_schema_keys_and_no_runtime_key():
+    """Each param a stage declares exists; none is a runtime setting (those re-run nothing)."""
+    import yaml
+
+    keys = set(_schema_keys(Params))
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for entry in stage.get("params", []):
+            assert isinstance(entry, str), (name, entry)  # keys of params.yaml
+            declared = entry
+            assert any(k == declared or k.startswith(declared + ".") for k in keys), (name, declared)
+            assert not declared.startswith("runtime"), (name, declared)

@@ -34,7 +34,7 @@ def demo_like(tmp_path_factory):
     """(params, working folder) after the data, backbone and freemask stages on a smaller demo."""
     root = tmp_path_factory.mktemp("health")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["device"] = "cpu"
+    raw["runtime"]["device"] = "cpu"
     raw["data"]["synthetic"].update(num_train=32, num_val=4)
     p = params_from_dict(raw)
     with pytest.MonkeyPatch.context() as mp:

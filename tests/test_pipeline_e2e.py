@@ -14,18 +14,18 @@ BIN = Path(sys.executable).parent
 
 OVERRIDES = {
     "seed": 0,
-    "device": "cpu",
     "data": {"source": "synthetic", "synthetic": {"num_train": 12, "num_val": 4, "image_size": 64}},
     "backbone": {"arch": "resnet18", "weights": "",
-                 "pretrain": {"iters": 3, "batch_size": 4, "crop_size": 48, "queue_size": 16, "log_every": 1,
-                              "checkpoint_every": 2}},
+                 "pretrain": {"iters": 3, "batch_size": 4, "crop_size": 48, "queue_size": 16}},
     "freemask": {"short_side": 64, "max_side": 64, "score_threshold": 0.5},
     "freesolo": {"fpn_channels": 16, "head_channels": 16, "head_convs": 1, "mask_channels": 16, "kernel_dim": 8,
                  "grids": [8, 6, 4, 3, 2], "train_short_sides": [64], "max_side": 64, "iters": 2, "batch_size": 2,
-                 "warmup_iters": 1, "pairwise_warmup": 1, "log_every": 1, "checkpoint_every": 1, "eval_every": 1,
+                 "warmup_iters": 1, "pairwise_warmup": 1,
                  "test_short_side": 64, "test_max_side": 64, "test_score_threshold": 0.0},
     "exemplar": {"num_images": 4, "grabcut_iterations": 2, "refine_min_overlap": 0.0, "min_pool": 1},
     "eec": {"alpha": 0.5, "beta": 0.4, "exemplar_short_side": 64, "exemplar_max_side": 64, "start_iter": 1},
+    "runtime": {"device": "cpu", "pretrain": {"log_every": 1, "checkpoint_every": 2},
+                "freesolo": {"log_every": 1, "checkpoint_every": 1, "eval_every": 1}},
 }
 
 
@@ -67,7 +67,7 @@ def test_repro_produces_metrics_and_is_then_up_to_date(repo):
     assert set(metrics["segm"]) >= {"AP", "AP50", "AR100"} and 0 <= metrics["segm"]["AP"] <= 1
     assert (repo / "metrics" / "pr" / "freemask" / "segm.csv").exists()
     assert (repo / "dvclive" / "backbone" / "metrics.json").exists()
-    # learning curves (freesolo.eval_every = 1); Exemplar-FreeSOLO starts after eec.start_iter = 1
+    # learning curves (runtime.freesolo.eval_every = 1); Exemplar-FreeSOLO starts after eec.start_iter = 1
     for model, steps in (("freesolo", ["1", "2"]), ("exemplar_freesolo", ["2"])):
         curve = (repo / "dvclive" / model / "plots" / "metrics" / "train" / "val" / "segm_AP.tsv").read_text()
         assert [line.split()[0] for line in curve.splitlines()] == ["step", *steps]
@@ -129,6 +129,22 @@ def test_eec_alpha_reruns_only_exemplar_training_and_its_evaluation(repo):
     assert status == {"exemplar_freesolo"}
     # its evaluation re-runs too whenever the predictions change (DVC skips it if they do not)
     assert "exemplar_freesolo" in ran and ran <= {"exemplar_freesolo", "evaluate@exemplar_freesolo", "report"}
+
+
+@pytest.mark.e2e
+def test_runtime_settings_rerun_nothing(repo):
+    """Logging and checkpoint intervals, batch and shard sizes and the device are not results."""
+    text = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    params["runtime"] = _merge(params["runtime"], {"device": "auto", "pretrain": {"log_every": 7},
+                                                   "freemask": {"batch_size": 3, "shard_size": 5},
+                                                   "freesolo": {"log_every": 3, "checkpoint_every": 9,
+                                                                "eval_every": 0}})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        assert json.loads(_sh(repo, "dvc", "status", "--json")) == {}
+    finally:
+        (repo / "params.yaml").write_text(text)
 
 
 def _stage_error(repo, tmp_path, stage: str, over: dict) -> tuple[Path, list[str]]:

@@ -19,7 +19,7 @@ def test_paper_profile_for_coco_has_the_papers_settings(tmp_path):
                                                                                (40, 36, 24, 16, 12))
     # the paper's EEC values, except tau: its 0.02 caps the loss at 1.4e-11 (README); from scratch
     assert (e.weight, e.alpha, e.beta, e.tau, e.logits, e.start_iter) == (1.3, 0.8, 0.3, 0.5, "cosine", 0)
-    assert (s.lr_schedule, s.warmup_iters, s.eval_every) == ("constant", 1000, 0)  # the release's; no val curves
+    assert (s.lr_schedule, s.warmup_iters, p.runtime.freesolo.eval_every) == ("constant", 1000, 0)  # the release's; no val curves
 
 
 def test_uvo_and_voc_profiles(tmp_path):

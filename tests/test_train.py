@@ -175,6 +175,16 @@ def test_a_run_from_another_runs_state_continues_its_data_stream(tiny, start):
     assert any(not torch.allclose(base[k], eec[k], atol=1e-6) for k in base if k.startswith("trunk."))
 
 
+def test_logging_and_checkpoint_intervals_leave_the_training_unchanged(tiny):
+    """The runtime section's intervals are not results: measuring the EEC gradient ratio at a
+    logging step and saving a checkpoint change no weights (no stage declares them in dvc.yaml)."""
+    often = train(**_kwargs(tiny, "often", log_every=1, checkpoint_every=1), **_eec_kwargs(weight=1.0))
+    rarely = train(**_kwargs(tiny, "rarely", log_every=3, checkpoint_every=3), **_eec_kwargs(weight=1.0))
+    assert often["extra_mean"]["grad_ratio"] > 0 and rarely["extra_mean"]["grad_ratio"] > 0
+    a, b = _weights(tiny / "often.pt"), _weights(tiny / "rarely.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_finished_run_without_its_state_trains_again(tiny, capsys):
     train(**_kwargs(tiny, "nostate"))
     train(**_kwargs(tiny, "nostate", state_at=1, state_path=tiny / "late_state.pt"))
