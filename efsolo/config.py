@@ -348,7 +348,7 @@ class RuntimeParams:
     """How the stages run, not what they compute. No stage declares these in ``dvc.yaml``, so
     changing one re-runs nothing (``dvc repro -f -s <stage>`` applies it to a finished stage).
     The trainings' results do not depend on the logging, checkpoint or evaluation intervals
-    (tests/test_train.py); the device does, within float noise (CPU and CUDA differ)."""
+    (tests/test_train.py); the device does (CUDA trains in bf16, the CPU in float32)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     pretrain: PretrainRuntime = field(default_factory=PretrainRuntime)
