@@ -74,20 +74,25 @@ def predict(inputs: list[str] = typer.Argument(..., help="Image files and/or fol
             short_side: Optional[int] = typer.Option(None, help="Resize the short side to this "
                                                                 "(default: the model's training size)."),
             max_side: Optional[int] = typer.Option(None, help="Cap the long side (default: the model's)."),
-            score_threshold: float = typer.Option(0.1, help="Candidate score threshold (method reference, s. 4)."),
-            max_per_image: int = typer.Option(100, help="At most this many instances an image."),
-            overlay_min_score: float = typer.Option(0.3, help="Draw instances scoring at least this."),
+            score_threshold: Optional[float] = typer.Option(None, help="Candidate score threshold (method "
+                                                                       "reference, s. 4; default: the model's)."),
+            max_per_image: Optional[int] = typer.Option(None, help="At most this many instances an image "
+                                                                   "(default: the model's)."),
+            maskness_power: Optional[float] = typer.Option(None, help="Score = category score x maskness ** this "
+                                                                      "(default: the model's)."),
+            overlay_min_score: float = typer.Option(0.15, help="Draw instances scoring at least this."),
             overlays: bool = typer.Option(True, help="Write overlay PNGs."),
             device: str = typer.Option("auto", help="auto | cpu | cuda")) -> None:
-    """Segment any images: COCO results json (RLE) and overlay PNGs; unreadable files are skipped and listed."""
+    """Segment any images: COCO results json (RLE) and overlay PNGs; unreadable files are skipped and listed.
+    Inference settings default to those the model file records (its stage's freesolo.test_*)."""
     from efsolo import predict as pr
     from efsolo.backbone import resolve_device
-    from efsolo.inference import TestSettings
 
     def go() -> str:
-        summary = pr.run(model, inputs, out, short_side, max_side,
-                         TestSettings(score_threshold=score_threshold, max_per_image=max_per_image),
-                         resolve_device(device), overlay_min_score, overlays)
+        given = dict(score_threshold=score_threshold, max_per_image=max_per_image, maskness_power=maskness_power)
+        summary = pr.run(model, inputs, out, short_side, max_side, None,
+                         resolve_device(device), overlay_min_score, overlays,
+                         test_overrides={k: v for k, v in given.items() if v is not None})
         return (f"{summary['images']} images, {summary['instances']} instances, {summary['skipped']} skipped "
                 f"-> {summary['out']}/results.json")
 

@@ -208,6 +208,7 @@ class FreeSOLOParams:
     test_update_threshold: float = 0.05
     test_max_per_image: int = 100
     test_nms_sigma: float = 2.0
+    test_maskness_power: float = 1.0  # score = category score x maskness ** this (release: 1)
 
     def __post_init__(self) -> None:
         k = "freesolo."
@@ -233,6 +234,7 @@ class FreeSOLOParams:
         for name in ("weight_decay", "warmup_iters", "clip_grad_norm", "gamma", "mu", "pairwise_weight", "pairwise_warmup",
                      "focal_gamma"):
             _non_negative(k + name, getattr(self, name))
+        _positive(k + "test_maskness_power", self.test_maskness_power)
 
 
 @dataclass(frozen=True)
@@ -302,7 +304,7 @@ class ReportParams:
     """Overlays of the same val images under every model (the ``report`` stage)."""
 
     num_images: int = 8
-    min_score: float = 0.3
+    min_score: float = 0.15
     max_instances: int = 20
 
     def __post_init__(self) -> None:
@@ -416,12 +418,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported type {tp!r} for {key}")
 
 
+# keys that moved to the runtime section (params files written before it get a pointer, not just "unknown")
+MOVED_KEYS = {"device": "runtime.device", "backbone.pretrain.log_every": "runtime.pretrain.log_every",
+              "backbone.pretrain.checkpoint_every": "runtime.pretrain.checkpoint_every",
+              "freemask.batch_size": "runtime.freemask.batch_size", "freemask.shard_size": "runtime.freemask.shard_size",
+              "freesolo.log_every": "runtime.freesolo.log_every",
+              "freesolo.checkpoint_every": "runtime.freesolo.checkpoint_every",
+              "freesolo.eval_every": "runtime.freesolo.eval_every"}
+
+
 def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ParamsError(f"unknown key {prefix}{unknown[0]}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        moved = MOVED_KEYS.get(prefix + unknown[0])
+        raise ParamsError(f"unknown key {prefix}{unknown[0]}{more}" + (f": it moved to {moved}" if moved else ""))
     kwargs = {name: _coerce(raw[name], hints[name], prefix + name) for name in names if name in raw}
     return cls(**kwargs)
 

@@ -3,6 +3,7 @@ and the trained model's predictions on the validation images."""
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 import time
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def run(*, labels: Path, embeddings: Path, val_manifest: Path, train_manifest: P
         round_model = model_path if r == rounds else work_dir / f"round{r}.pt"
         stats[f"round{r}"] = train(labels=labels, embeddings=embeddings, out_path=round_model,
                                    ckpt_dir=work_dir / f"round{r}", live_dir=live_dir, device=device,
-                                   log_prefix=f"round{r}" if rounds > 1 else "train",
+                                   log_prefix=f"round{r}" if rounds > 1 else "train", model_meta={"test": asdict(test)},
                                    **({"state_at": state_at, "state_path": state_path} if r == 1 else {}),
                                    **train_kwargs)
         if r < rounds:

@@ -26,6 +26,7 @@ class TestSettings:
     update_threshold: float = 0.05
     max_per_image: int = 100
     nms_sigma: float = 2.0
+    maskness_power: float = 1.0  # score = category score x maskness ** this (SOLOv2, the release: 1)
 
 
 def normalise(rgb01: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,11 @@ def point_nms(heat: torch.Tensor) -> torch.Tensor:
 
 def postprocess(out: SOLOOutput, index: int, s: TestSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image's instances at mask-feature resolution, best first:
-    (soft masks (K, H/4, W/4), scores (K,), predicted embeddings (K, D))."""
+    (soft masks (K, H/4, W/4), scores (K,), predicted embeddings (K, D)).
+
+    A candidate's score is its category score times its maskness (the mean soft value inside
+    its binary mask) raised to ``s.maskness_power``; Matrix NMS then decays it and
+    ``s.update_threshold`` applies to the decayed score."""
     scores = torch.cat([point_nms(torch.sigmoid(c[index:index + 1].float())).flatten() for c in out.cates])
     kernels = torch.cat([k[index].flatten(1).T for k in out.kernels]).float()
     embeds = torch.cat([e[index].flatten(1).T for e in out.embeds]).float()
@@ -62,7 +67,7 @@ def postprocess(out: SOLOOutput, index: int, s: TestSettings) -> tuple[torch.Ten
     if scores.numel() == 0:
         return soft, scores, embeds
     maskness = (soft * binary).flatten(1).sum(1) / area
-    scores = scores * maskness
+    scores = scores * maskness.pow(s.maskness_power)
     order = scores.argsort(descending=True)
     soft, binary, scores, embeds = soft[order], binary[order], scores[order], embeds[order]
     scores = matrix_nms(binary.flatten(1), scores, sigma=s.nms_sigma)

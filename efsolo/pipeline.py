@@ -125,7 +125,8 @@ def test_settings(p: Params):
     f = p.freesolo
     return TestSettings(score_threshold=f.test_score_threshold, mask_threshold=f.test_mask_threshold,
                         nms_pre=f.test_nms_pre, update_threshold=f.test_update_threshold,
-                        max_per_image=f.test_max_per_image, nms_sigma=f.test_nms_sigma)
+                        max_per_image=f.test_max_per_image, nms_sigma=f.test_nms_sigma,
+                        maskness_power=f.test_maskness_power)
 
 
 def freesolo(p: Params) -> dict:

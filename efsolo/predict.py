@@ -7,6 +7,7 @@ read are skipped and listed in ``skipped.json``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from efsolo.errors import EfsoloError
 from efsolo.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
 from efsolo.inference import TestSettings, predict_image
 from efsolo.overlay import draw_instances
-from efsolo.train import load_model, model_input_size
+from efsolo.train import load_model, model_input_size, model_test_settings
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -54,13 +55,16 @@ def _overlay_names(paths: list[Path]) -> list[str]:
 
 
 def run(model_path: str | Path, inputs: list[str], out_dir: str | Path, short_side: int | None = None,
-        max_side: int | None = None, test: TestSettings = TestSettings(), device: torch.device | None = None,
-        overlay_min_score: float = 0.3, overlays: bool = True) -> dict:
+        max_side: int | None = None, test: TestSettings | None = None, device: torch.device | None = None,
+        overlay_min_score: float = 0.15, overlays: bool = True, test_overrides: dict | None = None) -> dict:
     """Predict every image; returns a summary ``{images, instances, skipped, out}``.
 
-    ``short_side`` / ``max_side`` default to the model's training input size.
+    ``short_side`` / ``max_side`` default to the model's training input size; ``test`` defaults to
+    the inference settings the model file records (those its stage evaluated it with), with
+    ``test_overrides`` (field -> value, e.g. ``{"score_threshold": 0.2}``) applied on top.
     """
     device = device or torch.device("cpu")
+    test = replace(test or model_test_settings(model_path), **(test_overrides or {}))
     model = load_model(model_path).to(device)
     default_short, default_max = model_input_size(model_path)
     short_side, max_side = short_side or default_short, max_side or default_max

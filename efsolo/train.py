@@ -176,6 +176,17 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SO
     return model.eval()
 
 
+def model_test_settings(path: str | Path):
+    """The inference settings (``TestSettings``) a model file was evaluated with by its stage; the
+    defaults for a file that records none."""
+    from efsolo.inference import TestSettings
+
+    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    recorded = blob.get("meta", {}).get("test") if isinstance(blob, dict) else None
+    known = set(TestSettings.__dataclass_fields__)
+    return TestSettings(**{k: v for k, v in (recorded or {}).items() if k in known})
+
+
 def model_input_size(path: str | Path) -> tuple[int, int]:
     """The (short side, max side) a model file was trained at (the paper's 800, 1333 if unrecorded)."""
     blob = torch.load(Path(path), map_location="cpu", weights_only=True)
@@ -365,8 +376,12 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
           eval_every: int = 0, evaluator: Evaluator | None = None, ema_decay: float = 0.0, label_min_score: float = 0.0, label_max_per_image: int = 100,
           extra_modules: dict[str, torch.nn.Module] | None = None, extra_loss: ExtraLoss | None = None,
           fingerprint_extra: dict | None = None, log_prefix: str = "train", state_at: int = -1,
-          state_path: str | Path | None = None, init_state: str | Path | None = None) -> dict:
+          state_path: str | Path | None = None, init_state: str | Path | None = None,
+          model_meta: dict | None = None) -> dict:
     """Train a SOLO network on pseudo-labels and write ``out_path``.
+
+    ``model_meta`` is recorded in the model file's metadata (e.g. ``{"test": ...}``: the
+    inference settings that ``efsolo predict`` then defaults to).
 
     ``extra_modules`` are trained alongside the network (e.g. the EEC projection) and passed,
     as ``model.extra``, to ``extra_loss(model, out, images, masks, step, rows, total)``, whose
@@ -530,7 +545,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
         # deterministic metadata only (timings are in the stage's metrics), so identical
         # weights give an identical file and DVC does not re-run what depends on it
         save_model(out_path, ema.averaged(model) if ema is not None else model, {"fingerprint": fp, "iters": iters,
-                                     "input_size": [max(train_short_sides), max_side]})
+                                     "input_size": [max(train_short_sides), max_side], **(model_meta or {})})
     if world > 1:
         dist.barrier()
     return stats

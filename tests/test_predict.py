@@ -11,7 +11,8 @@ from efsolo.coco_format import decode_mask, mask_box
 from efsolo.errors import EfsoloError
 from efsolo.predict import collect_images, run
 from efsolo.solo_model import SOLO, SOLOArch
-from efsolo.train import model_input_size, save_model
+from efsolo.inference import TestSettings as Settings
+from efsolo.train import model_input_size, model_test_settings, save_model
 
 
 @pytest.fixture()
@@ -74,3 +75,23 @@ def test_predict_cli_and_input_errors(tmp_path, model_file):
     with pytest.raises(EfsoloError, match="no images"):
         collect_images([])
     assert model_input_size(model_file) == (64, 96)
+
+
+def test_predict_defaults_to_the_inference_settings_the_model_records(tmp_path, model_file):
+    """A model file that records none gets the defaults; one that records its stage's settings gets
+    those, and the CLI's options override single fields."""
+    assert model_test_settings(model_file) == Settings()
+    blob = torch.load(model_file, weights_only=True)
+    blob["meta"]["test"] = {"max_per_image": 2, "maskness_power": 4.0}
+    recorded = tmp_path / "recorded.pt"
+    torch.save(blob, recorded)
+    assert model_test_settings(recorded) == Settings(max_per_image=2, maskness_power=4.0)
+    _images(tmp_path)
+    scores = {}
+    for name, extra in (("own", []), ("override", ["--max-per-image", "100", "--maskness-power", "1"])):
+        res = CliRunner().invoke(app, ["predict", str(tmp_path / "b"), "--model", str(recorded), "--out",
+                                       str(tmp_path / name), "--no-overlays", "--device", "cpu", *extra])
+        assert res.exit_code == 0, res.output
+        scores[name] = [r["score"] for r in json.loads((tmp_path / name / "results.json").read_text())]
+    assert len(scores["own"]) == 2 and len(scores["override"]) > 2
+    assert max(scores["own"]) < max(scores["override"])  # maskness < 1, so its 4th power lowers scores
