@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from efsolo import atomic, benchmark  # noqa: E402
+from efsolo.utils import atomic  # noqa: E402
+from efsolo import benchmark  # noqa: E402
 from efsolo.pipeline import replace_between_markers  # noqa: E402
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from efsolo.solo_model import SOLO, SOLOArch
+from efsolo.modeling.solo_model import SOLO, SOLOArch
 
 # dense bf16 peak of common GPUs (TFLOP/s), by a substring of the device name
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
@@ -82,9 +82,9 @@ def _timed(fn, device: torch.device, iters: int) -> float:
 
 
 def bench_freemask(size: Size, device: torch.device) -> dict:
-    from efsolo.backbone import ResNetTrunk
-    from efsolo.free_mask import free_mask
-    from efsolo.inference import normalise
+    from efsolo.modeling.backbone import ResNetTrunk
+    from efsolo.freemask.free_mask import free_mask
+    from efsolo.modeling.inference import normalise
 
     trunk = ResNetTrunk(size.arch.arch, 32).to(device).eval()
     amp = device.type == "cuda"
@@ -106,9 +106,10 @@ def bench_freemask(size: Size, device: torch.device) -> dict:
 
 
 def _train_parts(size: Size, device: torch.device):
-    from efsolo.train import LossSettings, solo_losses
-    from efsolo.views import copy_paste, strong_view
-    from efsolo.inference import normalise
+    from efsolo.config import LossSettings
+    from efsolo.modeling.inference import normalise
+    from efsolo.engine.train import solo_losses
+    from efsolo.data.views import copy_paste, strong_view
 
     model = SOLO(size.arch).to(device).train()
     amp = device.type == "cuda"
@@ -118,7 +119,6 @@ def _train_parts(size: Size, device: torch.device):
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     x, masks, embeds = _inputs(size, size.batch, device)
     g = torch.Generator(device=device).manual_seed(0)
-    ranges = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
 
     def forward_loss():
         strong = strong_view(x, g)
@@ -129,8 +129,7 @@ def _train_parts(size: Size, device: torch.device):
             inp = inp.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(inp)
-        return solo_losses(out, images, masks + s_masks, embeds + s_embeds, size.arch.grids, ranges, LossSettings(),
-                           step=10**6)["total"]
+        return solo_losses(out, images, masks + s_masks, embeds + s_embeds, size.arch.grids, LossSettings(), step=10**6)["total"]
 
     def step() -> None:
         loss = forward_loss()
@@ -167,16 +166,16 @@ def bench_train_breakdown(size: Size, device: torch.device) -> dict:
     """Where a training iteration's time goes: views (strong view + copy-paste), the trunk's
     forward, the rest of the forward (FPN, heads, mask branch), the losses (target assignment
     included), backward, and the SGD step; seconds per iteration and shares."""
-    from efsolo.inference import normalise
-    from efsolo.train import LossSettings, solo_losses
-    from efsolo.views import copy_paste, strong_view
+    from efsolo.config import LossSettings
+    from efsolo.modeling.inference import normalise
+    from efsolo.engine.train import solo_losses
+    from efsolo.data.views import copy_paste, strong_view
 
     model = SOLO(size.arch).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     x, masks, embeds = _inputs(size, size.batch, device)
     g = torch.Generator(device=device).manual_seed(0)
-    ranges = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
     amp = device.type == "cuda"
     parts = dict.fromkeys(("views", "trunk_forward", "heads_forward", "losses", "backward", "optimizer"), 0.0)
 
@@ -195,7 +194,7 @@ def bench_train_breakdown(size: Size, device: torch.device) -> dict:
             feats = timed("trunk_forward", lambda: model.trunk(normalise(images)))
             out = timed("heads_forward", lambda: model.forward_from_trunk(feats))
         loss = timed("losses", lambda: solo_losses(out, images, masks + s_masks, embeds + s_embeds, size.arch.grids,
-                                                   ranges, LossSettings(), step=10**6)["total"])
+                                                   LossSettings(), step=10**6)["total"])
         opt.zero_grad(set_to_none=True)
         timed("backward", loss.backward)
         timed("optimizer", opt.step)
@@ -214,7 +213,8 @@ def bench_train_breakdown(size: Size, device: torch.device) -> dict:
 
 
 def bench_inference(size: Size, device: torch.device) -> dict:
-    from efsolo.inference import TestSettings, predict_image
+    from efsolo.config import TestSettings
+    from efsolo.modeling.inference import predict_image
 
     model = SOLO(size.arch).to(device).eval()
     if device.type == "cuda":

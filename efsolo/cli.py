@@ -8,7 +8,7 @@ import typer
 
 from efsolo import pipeline
 from efsolo.config import load_params
-from efsolo.errors import EfsoloError
+from efsolo.utils.errors import EfsoloError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Exemplar-FreeSOLO: unsupervised class-agnostic instance segmentation.")
@@ -72,7 +72,7 @@ def predict(inputs: list[str] = typer.Argument(..., help="Image files and/or fol
                                                                 "models/exemplar_freesolo.pt."),
             out: str = typer.Option(..., "--out", "-o", help="Output folder."),
             short_side: Optional[int] = typer.Option(None, help="Resize the short side to this "
-                                                                "(default: the model's training size)."),
+                                                                "(default: the model's test size)."),
             max_side: Optional[int] = typer.Option(None, help="Cap the long side (default: the model's)."),
             score_threshold: Optional[float] = typer.Option(None, help="Candidate score threshold (method "
                                                                        "reference, s. 4; default: the model's)."),
@@ -84,9 +84,9 @@ def predict(inputs: list[str] = typer.Argument(..., help="Image files and/or fol
             overlays: bool = typer.Option(True, help="Write overlay PNGs."),
             device: str = typer.Option("auto", help="auto | cpu | cuda")) -> None:
     """Segment any images: COCO results json (RLE) and overlay PNGs; unreadable files are skipped and listed.
-    Inference settings default to those the model file records (its stage's freesolo.test_*)."""
-    from efsolo import predict as pr
-    from efsolo.backbone import resolve_device
+    Inference settings default to those the model file records (its stage's freesolo.test)."""
+    from efsolo.evaluation import predict as pr
+    from efsolo.modeling.backbone import resolve_device
 
     def go() -> str:
         given = dict(score_threshold=score_threshold, max_per_image=max_per_image, maskness_power=maskness_power)
@@ -110,7 +110,7 @@ def seeds(seed: list[int] = typer.Option([0, 1, 2], "--seeds", help="Seeds to ru
           collect: bool = typer.Option(False, "--collect", help="Run nothing: summarise the finished "
                                                                 "experiments seed-N.")) -> None:
     """Run the whole pipeline for several seeds (a DVC experiment queue) and summarise mean ± std."""
-    from efsolo import seeds as sd
+    from efsolo.evaluation import seeds as sd
 
     def go() -> str:
         text = sd.table(sd.run(list(seed), list(set_param), out, targets=list(target), only_collect=collect))
@@ -132,7 +132,7 @@ def profile(dataset: str = typer.Argument(..., help="coco | uvo | voc"),
             arch: str = typer.Option("resnet50", help="resnet50 (paper) | resnet101 (FreeSOLO release)."),
             out: str = typer.Option("params.yaml", help="Where to write the params file.")) -> None:
     """Write the paper's settings for COCO, UVO or VOC as a params file (then: dvc repro)."""
-    from efsolo.profiles import write_profile
+    from efsolo.config.profiles import write_profile
 
     def go() -> str:
         write_profile(out, dataset, weights, coco_root=coco_root, val_images=val_images,

@@ -5,15 +5,16 @@ params to code. The paths here are the ones ``dvc.yaml`` declares.
 """
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
 from functools import wraps
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from efsolo.config import Params, load_params, to_dict
-from efsolo.errors import EfsoloError
+from efsolo.utils.errors import EfsoloError
 
 DATA_DIR = Path("data/prepared")
 TRAIN_MANIFEST = DATA_DIR / "train.json"
@@ -42,7 +43,7 @@ PREDICTIONS = {"freemask": FREEMASK_DIR / "val.json", "freesolo": Path("predicti
 
 
 def data(p: Params) -> dict:
-    from efsolo import datasets
+    from efsolo.data import datasets
 
     d, s = p.data, p.data.synthetic
     return datasets.run(DATA_DIR, source=d.source, seed=p.seed, train_images=d.train_images,
@@ -53,18 +54,18 @@ def data(p: Params) -> dict:
 
 
 def backbone(p: Params) -> dict:
-    from efsolo.backbone import resolve_device, save_backbone
+    from efsolo.modeling.backbone import resolve_device, save_backbone
 
     b = p.backbone
     if b.weights:
-        from efsolo.checkpoint import load_densecl
+        from efsolo.modeling.checkpoint import load_densecl
 
         sd = load_densecl(b.weights, b.arch)
         save_backbone(BACKBONE, b.arch, sd, source=f"densecl:{b.weights}")
         BACKBONE_LIVE_DIR.mkdir(parents=True, exist_ok=True)
         BACKBONE_CKPT_DIR.mkdir(parents=True, exist_ok=True)
         return {"source": b.weights}
-    from efsolo import pretrain
+    from efsolo.engine import pretrain
 
     t = b.pretrain
     return pretrain.run(TRAIN_MANIFEST, BACKBONE, BACKBONE_CKPT_DIR, BACKBONE_LIVE_DIR, arch=b.arch, seed=p.seed,
@@ -76,8 +77,8 @@ def backbone(p: Params) -> dict:
 
 
 def freemask(p: Params) -> dict:
-    from efsolo import free_mask
-    from efsolo.backbone import resolve_device
+    from efsolo.freemask import free_mask
+    from efsolo.modeling.backbone import resolve_device
 
     f = p.freemask
     return free_mask.run(TRAIN_MANIFEST, VAL_MANIFEST, BACKBONE, FREEMASK_DIR, device=resolve_device(p.runtime.device),
@@ -92,60 +93,43 @@ def freemask(p: Params) -> dict:
                          shard_size=p.runtime.freemask.shard_size, shard_dir=FREEMASK_SHARD_DIR)
 
 
+def _kwargs(settings: Any) -> dict:
+    """A settings dataclass's fields as keyword arguments (shallow: tuples stay tuples)."""
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+
+
 def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
-    """The network and training settings of ``freesolo`` (and the ``runtime.freesolo`` intervals) as
-    plain keyword arguments of ``train.train``."""
+    """The network and training settings of ``freesolo`` (its model, input, loss and solver
+    sections, and the ``runtime.freesolo`` intervals) as keyword arguments of ``train.train``."""
     import numpy as np
 
-    from efsolo.solo_model import SOLOArch
-    from efsolo.train import LossSettings
+    from efsolo.modeling.solo_model import SOLOArch
 
     f, r = p.freesolo, p.runtime.freesolo
     with np.load(embeddings) as z:
         embed_dim = int(z["embeddings"].shape[1])
-    arch = SOLOArch(arch=p.backbone.arch, fpn_channels=f.fpn_channels, head_channels=f.head_channels,
-                    head_convs=f.head_convs, mask_channels=f.mask_channels, kernel_dim=f.kernel_dim,
-                    embed_dim=embed_dim, grids=f.grids, freeze_at=f.freeze_at)
-    losses = LossSettings(gamma=f.gamma, mu=f.mu, pairwise_weight=f.pairwise_weight,
-                          pairwise_colour_threshold=f.pairwise_colour_threshold,
-                          pairwise_dilation=f.pairwise_dilation, pairwise_warmup=f.pairwise_warmup,
-                          focal_alpha=f.focal_alpha, focal_gamma=f.focal_gamma, centre_sigma=f.centre_sigma,
-                          drop_loss_iou=f.drop_loss_iou)
-    return dict(backbone=BACKBONE, arch=arch, seed=p.seed, iters=f.iters, batch_size=f.batch_size, lr=f.lr,
-                momentum=f.momentum, weight_decay=f.weight_decay, warmup_iters=f.warmup_iters,
-                warmup_factor=f.warmup_factor, lr_schedule=f.lr_schedule, lr_steps=f.lr_steps,
-                clip_grad_norm=f.clip_grad_norm, ema_decay=f.ema_decay, train_short_sides=f.train_short_sides, max_side=f.max_side,
-                losses=losses, scale_ranges=f.scale_ranges, copy_paste_prob=f.copy_paste_prob,
+    arch = SOLOArch(arch=p.backbone.arch, embed_dim=embed_dim, **_kwargs(f.model))
+    return dict(backbone=BACKBONE, arch=arch, seed=p.seed, losses=f.loss, **_kwargs(f.solver), **_kwargs(f.input),
                 log_every=r.log_every, checkpoint_every=r.checkpoint_every, eval_every=r.eval_every)
 
 
-def test_settings(p: Params):
-    from efsolo.inference import TestSettings
-
-    f = p.freesolo
-    return TestSettings(score_threshold=f.test_score_threshold, mask_threshold=f.test_mask_threshold,
-                        nms_pre=f.test_nms_pre, update_threshold=f.test_update_threshold,
-                        max_per_image=f.test_max_per_image, nms_sigma=f.test_nms_sigma,
-                        maskness_power=f.test_maskness_power)
-
-
 def freesolo(p: Params) -> dict:
-    from efsolo import freesolo as fs
-    from efsolo.backbone import resolve_device
+    from efsolo.engine import self_training as fs
+    from efsolo.modeling.backbone import resolve_device
 
     f = p.freesolo
     embeddings = FREEMASK_DIR / "train_embeddings.npz"
     return fs.run(labels=FREEMASK_DIR / "train.json", embeddings=embeddings, val_manifest=VAL_MANIFEST,
                   train_manifest=TRAIN_MANIFEST, model_path=FREESOLO_MODEL, predictions_path=PREDICTIONS["freesolo"],
                   stats_path=METRICS_DIR / "train" / "freesolo.json", work_dir=FREESOLO_WORK_DIR, live_dir=FREESOLO_LIVE_DIR, rounds=f.rounds,
-                  relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=test_settings(p),
-                  test_short_side=f.test_short_side, test_max_side=f.test_max_side, device=resolve_device(p.runtime.device),
+                  relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=f.test,
+                  device=resolve_device(p.runtime.device),
                   val_gt=VAL_GT, state_at=p.eec.start_iter, state_path=FREESOLO_START,
                   **solo_training_kwargs(p, embeddings))
 
 
 def exemplars(p: Params) -> dict:
-    from efsolo.exemplars import run_crops
+    from efsolo.exemplars.crops import run_crops
 
     e = p.exemplar
     return run_crops(TRAIN_MANIFEST, EXEMPLAR_DIR, num_images=e.num_images, seed=p.seed,
@@ -153,18 +137,17 @@ def exemplars(p: Params) -> dict:
 
 
 def refine(p: Params) -> dict:
-    from efsolo.backbone import resolve_device
-    from efsolo.exemplars import run_refine
+    from efsolo.modeling.backbone import resolve_device
+    from efsolo.exemplars.crops import run_refine
 
-    f = p.freesolo
-    return run_refine(EXEMPLAR_DIR / "crops.json", FREESOLO_MODEL, EXEMPLAR_DIR, short_side=f.test_short_side,
-                      max_side=f.test_max_side, test=test_settings(p), min_overlap=p.exemplar.refine_min_overlap,
+    return run_refine(EXEMPLAR_DIR / "crops.json", FREESOLO_MODEL, EXEMPLAR_DIR, test=p.freesolo.test,
+                      min_overlap=p.exemplar.refine_min_overlap,
                       device=resolve_device(p.runtime.device), fallback=p.exemplar.refine_fallback)
 
 
 def pool(p: Params) -> dict:
-    from efsolo.backbone import resolve_device
-    from efsolo.eec import run_pool
+    from efsolo.modeling.backbone import resolve_device
+    from efsolo.exemplars.eec import run_pool
 
     e = p.eec
     return run_pool(EXEMPLAR_DIR / "pool.json", BACKBONE, POOL, feature_level=e.feature_level, upsample=e.upsample,
@@ -174,10 +157,10 @@ def pool(p: Params) -> dict:
 
 def exemplar_freesolo(p: Params) -> dict:
     """FreeSOLO training plus lambda_eec * L_eec, then predictions on val."""
-    from efsolo import freesolo as fs
-    from efsolo.backbone import resolve_device, feature_channels
-    from efsolo.eec import EECModule, load_objects, load_pool, make_eec_loss
-    from efsolo.resume import file_digest
+    from efsolo.engine import self_training as fs
+    from efsolo.modeling.backbone import resolve_device, feature_channels
+    from efsolo.exemplars.eec import EECModule, load_objects, load_pool, make_eec_loss
+    from efsolo.engine.resume import file_digest
 
     f, e, m = p.freesolo, p.eec, p.freemask
     pool_blob = load_pool(POOL)
@@ -201,7 +184,7 @@ def exemplar_freesolo(p: Params) -> dict:
                   predictions_path=PREDICTIONS["exemplar_freesolo"],
                   stats_path=METRICS_DIR / "train" / "exemplar_freesolo.json", work_dir=EFS_WORK_DIR,
                   live_dir=EFS_LIVE_DIR, rounds=1, relabel_score=f.relabel_score, relabel_max=f.relabel_max,
-                  test=test_settings(p), test_short_side=f.test_short_side, test_max_side=f.test_max_side,
+                  test=f.test,
                   device=resolve_device(p.runtime.device), val_gt=VAL_GT,
                   extra_modules={"eec": EECModule(channels, e.upsample, e.proj_dim if e.logits == "projection" else 0,
                                                   seed=p.seed)},
@@ -212,7 +195,7 @@ def exemplar_freesolo(p: Params) -> dict:
 
 
 def evaluate(model: str, predictions: str | Path | None = None) -> dict:
-    from efsolo import evaluate as ev
+    from efsolo.evaluation import evaluate as ev
 
     if predictions is None:
         if model not in PREDICTIONS:
@@ -222,7 +205,7 @@ def evaluate(model: str, predictions: str | Path | None = None) -> dict:
 
 
 def report(p: Params) -> dict:
-    from efsolo import report as rp
+    from efsolo.evaluation import report as rp
 
     r = p.report
     titles = {"freemask": "Free Mask", "freesolo": "FreeSOLO", "exemplar_freesolo": "Exemplar-FreeSOLO"}
@@ -236,7 +219,7 @@ README_END = "<!-- results:end -->"
 
 def table(models: list[str] | None = None) -> str:
     """The results table (percent) of every model in metrics/, as Markdown."""
-    from efsolo.evaluate import results_table
+    from efsolo.evaluation.evaluate import results_table
 
     df = results_table(METRICS_DIR, models)
     if df.empty:
@@ -248,7 +231,7 @@ def table(models: list[str] | None = None) -> str:
 
 def replace_between_markers(path: str | Path, start: str, end: str, body: str) -> None:
     """Replace the text between the ``start`` and ``end`` markers of a file (atomically)."""
-    from efsolo import atomic
+    from efsolo.utils import atomic
 
     path = Path(path)
     text = path.read_text()

@@ -2,7 +2,7 @@
 import sys
 import time
 
-from efsolo.errors import EfsoloError
+from efsolo.utils.errors import EfsoloError
 from efsolo.pipeline import evaluate, report_stage
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from efsolo.backbone import ResNetTrunk, load_backbone, save_backbone, trunk_state_keys
-from efsolo.checkpoint import CheckpointError, detectron2_to_torchvision, load_densecl
+from efsolo.modeling.backbone import ResNetTrunk, load_backbone, save_backbone, trunk_state_keys
+from efsolo.modeling.checkpoint import CheckpointError, detectron2_to_torchvision, load_densecl
 
 
 def _reference_state(arch="resnet18", seed=0):

@@ -24,6 +24,11 @@ def test_single_folder_becomes_tuple():
     ({"nope": 1}, "unknown key nope"),
     ({"device": "cpu"}, "unknown key device: it moved to runtime.device"),
     ({"freesolo": {"eval_every": 100}}, "unknown key freesolo.eval_every: it moved to runtime.freesolo.eval_every"),
+    ({"freesolo": {"iters": 100}}, "unknown key freesolo.iters: it moved to freesolo.solver.iters"),
+    ({"freesolo": {"test_maskness_power": 2}}, "it moved to freesolo.test.maskness_power"),
+    ({"freesolo": {"test": {"maskness_power": 0}}}, "freesolo.test.maskness_power must be > 0"),
+    ({"freesolo": {"loss": {"scale_ranges": [[1, 2]]}}}, "freesolo.loss.scale_ranges must be 5"),
+    ({"freesolo": {"solver": {"iters": 10}}, "eec": {"start_iter": 10}}, "must be less than freesolo.solver.iters"),
     ({"backbone": {"pretrain": {"log_every": 5}}}, "it moved to runtime.pretrain.log_every"),
     ({"seed": "x"}, "seed must be an integer"),
     ({"data": {"source": "imagenet"}}, "data.source must be one of"),
@@ -87,6 +92,44 @@ def test_params_yaml_sets_every_field_of_the_schema():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     missing = sorted(set(_schema_keys(Params)) - set(_yaml_keys(raw)))
     assert not missing, f"params.yaml does not set {missing}"
+
+
+def test_modules_take_the_schema_sections_themselves():
+    """One schema: the settings the modules take are the params sections (no hand copies, each
+    default in one place); SOLOArch is freesolo.model plus what the pipeline knows."""
+    import dataclasses
+
+    from efsolo import config
+    from efsolo.exemplars import crops as exemplars
+    from efsolo.engine import self_training as freesolo
+    from efsolo.modeling import inference
+    from efsolo.evaluation import predict
+    from efsolo.engine import train
+    from efsolo.modeling.solo_model import SOLOArch
+
+    assert inference.TestSettings is predict.TestSettings is freesolo.TestSettings is exemplars.TestSettings \
+        is config.TestSettings
+    assert train.LossSettings is config.LossSettings and issubclass(SOLOArch, config.ModelSettings)
+    assert {f.name for f in dataclasses.fields(SOLOArch)} - {f.name for f in dataclasses.fields(config.ModelSettings)} \
+        == {"arch", "embed_dim"}
+    sections = {f.name: f.type for f in dataclasses.fields(config.FreeSOLOParams)}
+    assert {sections[k] for k in ("model", "input", "loss", "solver", "test")} == {
+        "ModelSettings", "InputSettings", "LossSettings", "SolverSettings", "TestSettings"}
+    p = params_from_dict({"freesolo": {"solver": {"lr": 0.5}, "test": {"maskness_power": 2.0}}})
+    kwargs = pipeline_kwargs(p)
+    assert kwargs["lr"] == 0.5 and kwargs["losses"] is p.freesolo.loss and kwargs["iters"] == 30000
+
+
+def pipeline_kwargs(p):
+    import numpy as np
+    import tempfile
+
+    from efsolo import pipeline
+
+    with tempfile.TemporaryDirectory() as d:
+        emb = Path(d) / "e.npz"
+        np.savez(emb, embeddings=np.zeros((1, 8)))
+        return pipeline.solo_training_kwargs(p, emb)
 
 
 def test_stages_declare_schema_keys_and_no_runtime_key():

@@ -5,9 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from efsolo.coco_format import decode_mask, mask_annotation
-from efsolo.datasets import DataError, run
-from efsolo.synthetic import NUM_KINDS, make_scene
+from efsolo.data.coco_format import decode_mask, mask_annotation
+from efsolo.data.datasets import DataError, run
+from efsolo.data.synthetic import NUM_KINDS, make_scene
 
 
 def _write_images(folder, n, size=(20, 30)):
@@ -123,8 +123,8 @@ def test_folder_source_has_no_ground_truth(tmp_path):
 
 def test_uvo_style_json_with_polygons_and_frame_folders_loads_and_evaluates(tmp_path):
     """UVO val is COCO-format: frames in per-video folders, polygon masks; loaded by source coco."""
-    from efsolo.coco_format import mask_annotation
-    from efsolo.evaluate import evaluate
+    from efsolo.data.coco_format import mask_annotation
+    from efsolo.evaluation.evaluate import evaluate
 
     frames = tmp_path / "uvo_frames"
     _write_images(frames / "vid_a", 2)

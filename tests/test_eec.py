@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from efsolo.backbone import ResNetTrunk
-from efsolo.eec import (EECModule, ExemplarObject, NEUTRAL_RGB, eec_loss, exemplar_view, guide_filter, literal_cap,
+from efsolo.modeling.backbone import ResNetTrunk
+from efsolo.exemplars.eec import (EECModule, ExemplarObject, NEUTRAL_RGB, eec_loss, exemplar_view, guide_filter, literal_cap,
                         pooled_queries)
 
 

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from efsolo.coco_format import AGNOSTIC_CATEGORY, mask_annotation
-from efsolo.evaluate import as_results, evaluate, results_table, run
+from efsolo.data.coco_format import AGNOSTIC_CATEGORY, mask_annotation
+from efsolo.evaluation.evaluate import as_results, evaluate, results_table, run
 
 
 def _gt():

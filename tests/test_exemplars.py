@@ -2,11 +2,11 @@ import json
 
 import numpy as np
 
-from efsolo import datasets
+from efsolo.data import datasets
 import pytest
 import torch
 
-from efsolo.exemplars import choose_mask, contact_sheet, grabcut_crop, largest_component, run_crops, run_refine
+from efsolo.exemplars.crops import choose_mask, contact_sheet, grabcut_crop, largest_component, run_crops, run_refine
 
 
 def _one_object(h=80, w=100):
@@ -67,9 +67,9 @@ def test_largest_component():
 @pytest.mark.parametrize("fallback", ["grabcut", "none"])
 def test_refine_falls_back_to_the_grabcut_mask_and_reports_sources(tmp_path, fallback):
     """A FreeSOLO that predicts nothing (score threshold 1) must not empty the pool silently."""
-    from efsolo.inference import TestSettings
-    from efsolo.solo_model import SOLO, SOLOArch
-    from efsolo.train import save_model
+    from efsolo.modeling.inference import TestSettings
+    from efsolo.modeling.solo_model import SOLO, SOLOArch
+    from efsolo.modeling.model_io import save_model
 
     datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=6, num_val=1, image_size=64)
     crops = run_crops(tmp_path / "data" / "train.json", tmp_path / "ex", num_images=4, seed=3, rect_margin=0.05,
@@ -78,8 +78,8 @@ def test_refine_falls_back_to_the_grabcut_mask_and_reports_sources(tmp_path, fal
     arch = SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16, kernel_dim=8,
                     embed_dim=4, grids=(8, 6, 4, 3, 2))
     save_model(tmp_path / "m.pt", SOLO(arch), {"input_size": [64, 64]})
-    out = run_refine(tmp_path / "ex" / "crops.json", tmp_path / "m.pt", tmp_path / "ex", 64, 64,
-                     TestSettings(score_threshold=1.0), 0.5, torch.device("cpu"), fallback=fallback)
+    out = run_refine(tmp_path / "ex" / "crops.json", tmp_path / "m.pt", tmp_path / "ex",
+                     TestSettings(short_side=64, max_side=64, score_threshold=1.0), 0.5, torch.device("cpu"), fallback=fallback)
     pool = json.loads((tmp_path / "ex" / "pool.json").read_text())
     if fallback == "grabcut":
         assert out["exemplars"] == out["from_grabcut"] == crops > 0 and out["from_freesolo"] == 0

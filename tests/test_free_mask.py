@@ -2,7 +2,7 @@ import pytest
 import numpy as np
 import torch
 
-from efsolo.free_mask import free_mask, masks_to_image, reduce_embedding, split_components
+from efsolo.freemask.free_mask import free_mask, masks_to_image, reduce_embedding, split_components
 
 
 def _two_region_features():

@@ -18,11 +18,13 @@ import pytest
 import torch
 import yaml
 
-from efsolo import pipeline, resume
+from efsolo import pipeline
+from efsolo.engine import resume
 from efsolo.config import params_from_dict
-from efsolo.health import mask_fit
-from efsolo.pseudo_labels import PseudoLabelSet, make_batch
-from efsolo.train import build_model, load_model, train
+from efsolo.engine.health import mask_fit
+from efsolo.data.pseudo_labels import PseudoLabelSet, make_batch
+from efsolo.engine.train import train
+from efsolo.modeling.model_io import build_model, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 ITERS = 60
@@ -64,11 +66,11 @@ def test_demo_training_settings_fit_one_fixed_batch(demo_like, monkeypatch, lr_f
     kw.update(iters=ITERS, batch_size=IMAGES, log_every=ITERS, checkpoint_every=ITERS, lr=kw["lr"] * lr_factor)
     batch = make_batch([data.load(i) for i in chosen], max(kw["train_short_sides"]), kw["max_side"], [False] * IMAGES)
     resume.seed_everything(kw["seed"])  # the initial network train() starts from
-    before = mask_fit(build_model(kw["arch"], kw["backbone"]), batch, kw["scale_ranges"], kw["losses"], 10**9)
+    before = mask_fit(build_model(kw["arch"], kw["backbone"]), batch, kw["losses"], 10**9)
     out = root / f"fit_lr{lr_factor}"
     train(labels=subset, embeddings=emb, out_path=out / "model.pt", ckpt_dir=out / "ckpt", live_dir=out / "live",
           device=torch.device("cpu"), **kw)
-    after = mask_fit(load_model(out / "model.pt"), batch, kw["scale_ranges"], kw["losses"], 10**9)
+    after = mask_fit(load_model(out / "model.pt"), batch, kw["losses"], 10**9)
 
     report = {k: (round(before[k], 3), round(after[k], 3)) for k in ("max_proj", "avg_proj", "pairwise", "iou", "spread")}
     print(f"health check at {lr_factor} x lr (before, after):", report)

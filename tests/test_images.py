@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from efsolo.images import ImageReadError, read_image, resize_short_side
+from efsolo.data.images import ImageReadError, read_image, resize_short_side
 
 
 def test_grayscale_rgba_and_16bit_are_converted(tmp_path):

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from efsolo.inference import TestSettings as Settings, point_nms, postprocess, predict_image, to_image_masks
-from efsolo.solo_model import SOLO, SOLOArch, SOLOOutput
+from efsolo.modeling.inference import TestSettings as Settings, point_nms, postprocess, predict_image, to_image_masks
+from efsolo.modeling.solo_model import SOLO, SOLOArch, SOLOOutput
 
 
 def _known_output():

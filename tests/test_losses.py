@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from efsolo.losses import (avg_projection_loss, colour_similarity, dice_distance, drop_loss_weights, focal_loss,
+from efsolo.modeling.losses import (avg_projection_loss, colour_similarity, dice_distance, drop_loss_weights, focal_loss,
                            max_projection_loss, pairwise_loss, rgb_to_lab, semantic_loss)
 
 

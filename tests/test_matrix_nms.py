@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from efsolo.matrix_nms import fast_nms, mask_iou_upper, matrix_nms
+from efsolo.modeling.matrix_nms import fast_nms, mask_iou_upper, matrix_nms
 
 
 def _masks(*rows):

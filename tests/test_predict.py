@@ -7,12 +7,12 @@ import torch
 from typer.testing import CliRunner
 
 from efsolo.cli import app
-from efsolo.coco_format import decode_mask, mask_box
-from efsolo.errors import EfsoloError
-from efsolo.predict import collect_images, run
-from efsolo.solo_model import SOLO, SOLOArch
-from efsolo.inference import TestSettings as Settings
-from efsolo.train import model_input_size, model_test_settings, save_model
+from efsolo.data.coco_format import decode_mask, mask_box
+from efsolo.utils.errors import EfsoloError
+from efsolo.evaluation.predict import collect_images, run
+from efsolo.modeling.solo_model import SOLO, SOLOArch
+from efsolo.modeling.inference import TestSettings as Settings
+from efsolo.modeling.model_io import model_test_settings, save_model
 
 
 @pytest.fixture()
@@ -74,18 +74,17 @@ def test_predict_cli_and_input_errors(tmp_path, model_file):
     assert res.exit_code == 1 and "nope: no such file or folder" in res.output
     with pytest.raises(EfsoloError, match="no images"):
         collect_images([])
-    assert model_input_size(model_file) == (64, 96)
 
 
 def test_predict_defaults_to_the_inference_settings_the_model_records(tmp_path, model_file):
-    """A model file that records none gets the defaults; one that records its stage's settings gets
-    those, and the CLI's options override single fields."""
-    assert model_test_settings(model_file) == Settings()
+    """A model file that records none gets the defaults at its training input size; one that
+    records its stage's settings gets those, and the CLI's options override single fields."""
+    assert model_test_settings(model_file) == Settings(short_side=64, max_side=96)
     blob = torch.load(model_file, weights_only=True)
-    blob["meta"]["test"] = {"max_per_image": 2, "maskness_power": 4.0}
+    blob["meta"]["test"] = {"short_side": 48, "max_side": 96, "max_per_image": 2, "maskness_power": 4.0}
     recorded = tmp_path / "recorded.pt"
     torch.save(blob, recorded)
-    assert model_test_settings(recorded) == Settings(max_per_image=2, maskness_power=4.0)
+    assert model_test_settings(recorded) == Settings(short_side=48, max_side=96, max_per_image=2, maskness_power=4.0)
     _images(tmp_path)
     scores = {}
     for name, extra in (("own", []), ("override", ["--max-per-image", "100", "--maskness-power", "1"])):

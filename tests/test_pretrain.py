@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from efsolo import datasets, pretrain, resume
+from efsolo.data import datasets
+from efsolo.engine import pretrain
+from efsolo.engine import resume
 
 
 def test_densecl_loss_matches_formula():

@@ -1,8 +1,8 @@
 import pytest
 
 from efsolo.config import load_params
-from efsolo.errors import EfsoloError
-from efsolo.profiles import write_profile
+from efsolo.utils.errors import EfsoloError
+from efsolo.config.profiles import write_profile
 
 
 def test_paper_profile_for_coco_has_the_papers_settings(tmp_path):
@@ -13,13 +13,15 @@ def test_paper_profile_for_coco_has_the_papers_settings(tmp_path):
     assert p.data.val_annotations == "/data/coco/annotations/instances_val2017.json"
     assert (p.backbone.arch, p.backbone.weights) == ("resnet50", "/ckpt/densecl_r50.pth")
     f, s, e = p.freemask, p.freesolo, p.eec
+    m, ls, sv, t = s.model, s.loss, s.solver, s.test
     assert (f.short_side, f.max_side, f.feature_level, f.query_scales, f.score_threshold) == (800, 1333, "c5",
                                                                                               (1.0, 0.5, 0.25), 0.7)
-    assert (s.batch_size, s.lr, s.gamma, s.mu, s.test_short_side, s.grids) == (8, 0.001, 0.1, 0.4, 800,
+    assert (sv.batch_size, sv.lr, ls.gamma, ls.mu, t.short_side, m.grids) == (8, 0.001, 0.1, 0.4, 800,
                                                                                (40, 36, 24, 16, 12))
+    assert t.maskness_power == 1.0  # SOLOv2's score, as the release
     # the paper's EEC values, except tau: its 0.02 caps the loss at 1.4e-11 (README); from scratch
     assert (e.weight, e.alpha, e.beta, e.tau, e.logits, e.start_iter) == (1.3, 0.8, 0.3, 0.5, "cosine", 0)
-    assert (s.lr_schedule, s.warmup_iters, p.runtime.freesolo.eval_every) == ("constant", 1000, 0)  # the release's; no val curves
+    assert (sv.lr_schedule, sv.warmup_iters, p.runtime.freesolo.eval_every) == ("constant", 1000, 0)  # the release's; no val curves
 
 
 def test_uvo_and_voc_profiles(tmp_path):

@@ -3,9 +3,9 @@ import json
 import cv2
 import numpy as np
 
-from efsolo.coco_format import mask_annotation
-from efsolo.overlay import draw_annotations, draw_instances, palette, side_by_side
-from efsolo.report import run, sample_ids
+from efsolo.data.coco_format import mask_annotation
+from efsolo.evaluation.overlay import draw_annotations, draw_instances, palette, side_by_side
+from efsolo.evaluation.report import run, sample_ids
 
 
 def test_draw_instances_colours_masks_and_keeps_the_rest():

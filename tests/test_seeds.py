@@ -1,7 +1,7 @@
 """Seeds summary: metrics read back from `dvc exp show --json`, mean and sample std per model."""
 import pytest
 
-from efsolo.seeds import experiment_metrics, summarise, table
+from efsolo.evaluation.seeds import experiment_metrics, summarise, table
 
 
 def _exp(name, stamp, ap):
@@ -58,8 +58,8 @@ def test_paired_difference_of_exemplar_freesolo_and_freesolo():
 def test_collect_reads_experiments_of_every_commit_and_names_the_missing(monkeypatch):
     import json
 
-    from efsolo import seeds as sd
-    from efsolo.errors import EfsoloError
+    from efsolo.evaluation import seeds as sd
+    from efsolo.utils.errors import EfsoloError
 
     calls = []
     # seed-1 started from an older commit than HEAD: only --all-commits lists it

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from efsolo import free_mask
-from efsolo.backbone import ResNetTrunk, save_backbone
-from efsolo.sharding import merge_shards, mine, shard_slices
+from efsolo.freemask import free_mask
+from efsolo.modeling.backbone import ResNetTrunk, save_backbone
+from efsolo.utils.sharding import merge_shards, mine, shard_slices
 
 OPTIONS = dict(feature_level="c3", short_side=64, max_side=96, query_scales=(0.5,), mask_threshold=0.5, min_pixels=1,
                nms="matrix", nms_sigma=2.0, fast_nms_iou=0.5, keep_top=5, pre_nms_top=0, score_threshold=0.0,

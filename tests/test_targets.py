@@ -1,6 +1,9 @@
 import torch
 
-from efsolo.targets import DEFAULT_SCALE_RANGES, assign_cells
+from efsolo.config import LossSettings
+from efsolo.modeling.targets import assign_cells
+
+DEFAULT_SCALE_RANGES = LossSettings().scale_ranges  # SOLO's, at 800 px
 
 
 def test_square_goes_to_its_centre_cells_on_the_right_level():

@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from efsolo import datasets, resume
-from efsolo.backbone import ResNetTrunk, save_backbone
-from efsolo.solo_model import SOLOArch
-from efsolo.targets import DEFAULT_SCALE_RANGES
-from efsolo.train import LossSettings, TrainingError, load_model, train
+from efsolo.data import datasets
+from efsolo.engine import resume
+from efsolo.modeling.backbone import ResNetTrunk, save_backbone
+from efsolo.modeling.solo_model import SOLOArch
+from efsolo.config import LossSettings
+from efsolo.engine.train import TrainingError, train
+from efsolo.modeling.model_io import load_model
 
 ARCH = SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16, kernel_dim=8,
                 embed_dim=4, grids=(8, 6, 4, 3, 2))
@@ -37,8 +39,7 @@ def _kwargs(root, name, **over):
     kw = dict(labels=root / "labels.json", embeddings=root / "emb.npz", backbone=root / "backbone.pt",
               out_path=root / f"{name}.pt", ckpt_dir=root / name, live_dir=root / f"live_{name}", arch=ARCH, seed=0,
               iters=4, batch_size=2, lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_iters=2, warmup_factor=0.1, clip_grad_norm=35.0,
-              train_short_sides=(64,), max_side=64, losses=LossSettings(pairwise_warmup=2),
-              scale_ranges=DEFAULT_SCALE_RANGES, copy_paste_prob=0.5, log_every=1, checkpoint_every=2,
+              train_short_sides=(64,), max_side=64, losses=LossSettings(pairwise_warmup=2), copy_paste_prob=0.5, log_every=1, checkpoint_every=2,
               device=torch.device("cpu"))
     kw.update(over)
     return kw
@@ -89,7 +90,7 @@ def test_val_curve_is_logged_and_leaves_the_training_unchanged(tiny):
 
 
 def test_weight_average_follows_early_then_averages():
-    from efsolo.train import WeightAverage
+    from efsolo.engine.train import WeightAverage
 
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
@@ -105,7 +106,7 @@ def test_weight_average_follows_early_then_averages():
 
 
 def test_lr_schedules():
-    from efsolo.train import lr_at
+    from efsolo.engine.train import lr_at
 
     assert lr_at(0, 1.0, 100, 10, 0.01) == pytest.approx(0.01) and lr_at(5, 1.0, 100, 10, 0.01) == pytest.approx(0.505)
     assert lr_at(50, 1.0, 100, 10, 0.01) == 1.0 == lr_at(99, 1.0, 100, 10, 0.01)  # constant (the release)
@@ -119,7 +120,7 @@ def test_lr_schedules():
 
 
 def test_epoch_order_sees_every_image_once_an_epoch():
-    from efsolo.train import epoch_order
+    from efsolo.engine.train import epoch_order
 
     seen = torch.cat([epoch_order(10, 3, s, 4) for s in range(5)])  # 20 draws: two epochs
     assert sorted(seen[:10].tolist()) == list(range(10)) == sorted(seen[10:].tolist())
@@ -128,7 +129,7 @@ def test_epoch_order_sees_every_image_once_an_epoch():
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch):
-    import efsolo.train as tr
+    import efsolo.engine.train as tr
 
     real = tr.solo_losses
 
@@ -146,7 +147,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch):
 
 
 def _eec_kwargs(weight=1.0):
-    from efsolo.eec import EECModule, make_eec_loss
+    from efsolo.exemplars.eec import EECModule, make_eec_loss
 
     pool = {"feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64,
             "pooled_queries": torch.randn(6, 512, generator=torch.Generator().manual_seed(0))}
@@ -240,8 +241,8 @@ def test_two_process_ddp_with_the_eec_term(tiny):
 
 @pytest.mark.gpu
 def test_cuda_bf16_training_and_inference(tiny):
-    from efsolo.inference import TestSettings as Settings
-    from efsolo.inference import predict_image
+    from efsolo.modeling.inference import TestSettings as Settings
+    from efsolo.modeling.inference import predict_image
 
     dev = torch.device("cuda")
     stats = train(**_kwargs(tiny, "cuda", iters=3, device=dev), **_eec_kwargs())
@@ -252,8 +253,8 @@ def test_cuda_bf16_training_and_inference(tiny):
 
 
 def test_two_rounds_relabel_the_training_set(tiny):
-    from efsolo import freesolo
-    from efsolo.inference import TestSettings as Settings
+    from efsolo.engine import self_training as freesolo
+    from efsolo.modeling.inference import TestSettings as Settings
 
     kw = _kwargs(tiny, "unused", iters=2)
     for k in ("labels", "embeddings", "out_path", "ckpt_dir", "live_dir", "device"):
@@ -263,7 +264,7 @@ def test_two_rounds_relabel_the_training_set(tiny):
                          model_path=tiny / "rounds" / "model.pt", predictions_path=tiny / "rounds" / "val.json",
                          stats_path=tiny / "rounds" / "stats.json", work_dir=tiny / "rounds" / "work",
                          live_dir=tiny / "rounds" / "live", rounds=2, relabel_score=0.0, relabel_max=3,
-                         test=Settings(score_threshold=0.0), test_short_side=64, test_max_side=64,
+                         test=Settings(short_side=64, max_side=64, score_threshold=0.0),
                          device=torch.device("cpu"), **kw)
     assert set(stats) == {"round1", "round2", "val_inference"}
     relabelled = json.loads((tiny / "rounds" / "work" / "labels2" / "train.json").read_text())
@@ -278,8 +279,8 @@ def test_two_rounds_relabel_the_training_set(tiny):
 
 
 def test_drop_loss_only_lowers_the_focal_term():
-    from efsolo.solo_model import SOLO
-    from efsolo.train import solo_losses
+    from efsolo.modeling.solo_model import SOLO
+    from efsolo.engine.train import solo_losses
 
     torch.manual_seed(0)
     model = SOLO(ARCH).eval()
@@ -290,8 +291,7 @@ def test_drop_loss_only_lowers_the_focal_term():
     embeds = [torch.randn(2, ARCH.embed_dim), torch.zeros(0, ARCH.embed_dim)]
     with torch.no_grad():
         out = model(images)
-    terms = [solo_losses(out, images, masks, embeds, ARCH.grids, DEFAULT_SCALE_RANGES,
-                         LossSettings(drop_loss_iou=iou), step=0) for iou in (0.0, 0.01)]
+    terms = [solo_losses(out, images, masks, embeds, ARCH.grids, LossSettings(drop_loss_iou=iou), step=0) for iou in (0.0, 0.01)]
     off, on = terms
     assert on["focal"] < off["focal"]  # some negatives are dropped (the second view has no pseudo mask)
     for k in ("max_proj", "avg_proj", "pairwise", "sem", "positives"):

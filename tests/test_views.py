@@ -1,6 +1,6 @@
 import torch
 
-from efsolo.views import copy_paste, strong_view
+from efsolo.data.views import copy_paste, strong_view
 
 
 def test_strong_view_is_deterministic_bounded_and_independent_of_sharding():

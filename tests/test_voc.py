@@ -4,9 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from efsolo.datasets import DataError, run
-from efsolo.evaluate import evaluate, results_table
-from efsolo.voc import VOCError, image_set, read_annotation, voc_dataset
+from efsolo.data.datasets import DataError, run
+from efsolo.evaluation.evaluate import evaluate, results_table
+from efsolo.data.voc import VOCError, image_set, read_annotation, voc_dataset
 
 
 def _xml(name, w, h, objects):

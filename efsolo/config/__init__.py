@@ -1,0 +1,545 @@
+"""Typed, frozen parameters loaded once from ``params.yaml`` and validated on load.
+
+Every problem is reported as one line naming the key, e.g.
+``params.yaml: freemask.score_threshold must be in [0, 1], got 1.5``.
+"""
+from __future__ import annotations
+
+from efsolo.utils.errors import EfsoloError
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamsError(EfsoloError):
+    """An invalid value, type or key in the params file (one-line message)."""
+
+
+def _check(ok: bool, key: str, msg: str, value: Any) -> None:
+    if not ok:
+        raise ParamsError(f"{key} {msg}, got {value!r}")
+
+
+def _in_unit(key: str, value: float) -> None:
+    _check(0.0 <= value <= 1.0, key, "must be in [0, 1]", value)
+
+
+def _positive(key: str, value: float) -> None:
+    _check(value > 0, key, "must be > 0", value)
+
+
+def _non_negative(key: str, value: float) -> None:
+    _check(value >= 0, key, "must be >= 0", value)
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The embedded demo dataset generated from images shipped with scikit-image."""
+
+    num_train: int = 320
+    num_val: int = 80
+    image_size: int = 160
+    min_objects: int = 2
+    max_objects: int = 6
+    look: Literal["gradient", "photo"] = "gradient"
+
+    def __post_init__(self) -> None:
+        _positive("data.synthetic.num_train", self.num_train)
+        _positive("data.synthetic.num_val", self.num_val)
+        _check(self.image_size >= 32, "data.synthetic.image_size", "must be >= 32", self.image_size)
+        _check(1 <= self.min_objects <= self.max_objects, "data.synthetic.min_objects",
+               "must be >= 1 and <= data.synthetic.max_objects", self.min_objects)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["synthetic", "coco", "folder", "voc"] = "synthetic"
+    train_images: tuple[str, ...] = ()
+    val_images: tuple[str, ...] = ()
+    val_annotations: str = ""
+    voc_image_set: str = ""
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+    def __post_init__(self) -> None:
+        if self.source in ("coco", "folder"):
+            _check(len(self.train_images) > 0, "data.train_images",
+                   f"must name at least one folder when data.source is {self.source}", self.train_images)
+            _check(len(self.val_images) > 0, "data.val_images",
+                   f"must name at least one folder when data.source is {self.source}", self.val_images)
+        if self.source == "coco":
+            _check(bool(self.val_annotations), "data.val_annotations",
+                   "must name a COCO instances json when data.source is coco", self.val_annotations)
+        if self.source == "voc":
+            _check(len(self.val_images) > 0, "data.val_images",
+                   "must name the VOC JPEGImages folder when data.source is voc", self.val_images)
+            _check(bool(self.val_annotations), "data.val_annotations",
+                   "must name the VOC Annotations folder when data.source is voc", self.val_annotations)
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """DenseCL-style self-supervised pretraining (used when backbone.weights is empty)."""
+
+    iters: int = 300
+    batch_size: int = 32
+    crop_size: int = 96
+    lr: float = 0.05
+    weight_decay: float = 1e-4
+    momentum: float = 0.99
+    queue_size: int = 2048
+    temperature: float = 0.2
+    dense_weight: float = 0.5
+    proj_dim: int = 128
+
+    def __post_init__(self) -> None:
+        _non_negative("backbone.pretrain.iters", self.iters)
+        _check(self.batch_size >= 2, "backbone.pretrain.batch_size", "must be >= 2", self.batch_size)
+        _check(self.crop_size >= 32, "backbone.pretrain.crop_size", "must be >= 32", self.crop_size)
+        _positive("backbone.pretrain.lr", self.lr)
+        _non_negative("backbone.pretrain.weight_decay", self.weight_decay)
+        _check(0.0 <= self.momentum < 1.0, "backbone.pretrain.momentum", "must be in [0, 1)", self.momentum)
+        _check(self.queue_size >= self.batch_size, "backbone.pretrain.queue_size",
+               "must be >= backbone.pretrain.batch_size", self.queue_size)
+        _positive("backbone.pretrain.temperature", self.temperature)
+        _in_unit("backbone.pretrain.dense_weight", self.dense_weight)
+        _positive("backbone.pretrain.proj_dim", self.proj_dim)
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    weights: str = ""
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+
+
+@dataclass(frozen=True)
+class FreeMaskParams:
+    """Free Mask (method reference, section 1); every threshold is a parameter."""
+
+    short_side: int = 800
+    max_side: int = 1333
+    feature_level: Literal["c3", "c4", "c5"] = "c5"
+    feature_stride: Literal[8, 16, 32] = 32
+    query_scales: tuple[float, ...] = (1.0, 0.5, 0.25)
+    mask_threshold: float = 0.5
+    min_pixels: int = 1
+    nms: Literal["matrix", "fast"] = "matrix"
+    nms_sigma: float = 2.0
+    fast_nms_iou: float = 0.5
+    keep_top: int = 20
+    pre_nms_top: int = 0
+    score_threshold: float = 0.7
+    max_box_width: float = 0.95
+    top_exclude: float = 0.2
+    split_components: bool = False
+    component_min_fraction: float = 0.1
+    embed_dim: int = 128
+    embed_method: Literal["linear", "random"] = "linear"
+
+    def __post_init__(self) -> None:
+        _check(self.short_side >= 32, "freemask.short_side", "must be >= 32", self.short_side)
+        _check(self.max_side >= self.short_side, "freemask.max_side", "must be >= freemask.short_side",
+               self.max_side)
+        _check(len(self.query_scales) > 0 and all(0 < s <= 1 for s in self.query_scales),
+               "freemask.query_scales", "must be a non-empty list of factors in (0, 1]", self.query_scales)
+        _in_unit("freemask.mask_threshold", self.mask_threshold)
+        _non_negative("freemask.min_pixels", self.min_pixels)
+        _positive("freemask.nms_sigma", self.nms_sigma)
+        _in_unit("freemask.fast_nms_iou", self.fast_nms_iou)
+        _positive("freemask.keep_top", self.keep_top)
+        _non_negative("freemask.pre_nms_top", self.pre_nms_top)
+        _in_unit("freemask.score_threshold", self.score_threshold)
+        _in_unit("freemask.max_box_width", self.max_box_width)
+        _in_unit("freemask.top_exclude", self.top_exclude)
+        _in_unit("freemask.component_min_fraction", self.component_min_fraction)
+        _positive("freemask.embed_dim", self.embed_dim)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The SOLO network's sizes (``freesolo.model``); ``solo_model.SOLOArch`` extends them with the
+    backbone and the embedding width. Defaults are the paper's: FPN 256, head 512 x 4 convs, mask
+    branch 128 -> 256, grids 40 .. 12."""
+
+    fpn_channels: int = 256
+    head_channels: int = 512
+    head_convs: int = 4
+    mask_channels: int = 128
+    kernel_dim: int = 256
+    grids: tuple[int, ...] = (40, 36, 24, 16, 12)
+    freeze_at: int = 2  # trunk stages kept fixed: 0 none, 1 the stem, 2 + res2 (detectron2's default), ... 5 all
+
+    def __post_init__(self) -> None:
+        k = "freesolo.model."
+        for name in ("fpn_channels", "head_channels", "head_convs", "mask_channels", "kernel_dim"):
+            _positive(k + name, getattr(self, name))
+        _check(len(self.grids) == 5 and all(g > 0 for g in self.grids), k + "grids",
+               "must be 5 positive grid sizes (levels of stride 8, 8, 16, 32, 32)", self.grids)
+        _check(0 <= self.freeze_at <= 5, k + "freeze_at", "must be 0 (train all) to 5 (trunk fixed)", self.freeze_at)
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """Training inputs (``freesolo.input``): multi-scale short sides, the long-side cap, and the
+    chance that a strong view gets objects copy-pasted from the batch."""
+
+    train_short_sides: tuple[int, ...] = (640, 672, 704, 736, 768, 800)
+    max_side: int = 1333
+    copy_paste_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        k = "freesolo.input."
+        _check(len(self.train_short_sides) > 0 and all(s >= 32 for s in self.train_short_sides),
+               k + "train_short_sides", "must be a non-empty list of sizes >= 32", self.train_short_sides)
+        _positive(k + "max_side", self.max_side)
+        _in_unit(k + "copy_paste_prob", self.copy_paste_prob)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """FreeSOLO's loss (``freesolo.loss``; method reference, section 3): the level each object is
+    assigned to by scale, the mask terms' weights and the category focal loss."""
+
+    scale_ranges: tuple[tuple[float, float], ...] = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+    gamma: float = 0.1  # average projection weight
+    mu: float = 0.4  # semantic embedding weight
+    pairwise_weight: float = 1.0
+    pairwise_colour_threshold: float = 0.3
+    pairwise_dilation: int = 2
+    pairwise_warmup: int = 1000
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    centre_sigma: float = 0.2
+    drop_loss_iou: float = 0.0  # > 0: CutLER's DropLoss on the category cells (losses.drop_loss_weights); 0: off
+
+    def __post_init__(self) -> None:
+        k = "freesolo.loss."
+        _check(len(self.scale_ranges) == 5 and all(0 <= lo < hi for lo, hi in self.scale_ranges), k + "scale_ranges",
+               "must be 5 [low, high] pairs with low < high", self.scale_ranges)
+        _positive(k + "pairwise_dilation", self.pairwise_dilation)
+        for name in ("pairwise_colour_threshold", "focal_alpha", "centre_sigma", "drop_loss_iou"):
+            _in_unit(k + name, getattr(self, name))
+        for name in ("gamma", "mu", "pairwise_weight", "pairwise_warmup", "focal_gamma"):
+            _non_negative(k + name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """The optimisation (``freesolo.solver``): SGD with momentum, a linear warm-up, then a constant,
+    step or cosine learning rate; optional moving average of the weights."""
+
+    iters: int = 30000
+    batch_size: int = 8  # images an iteration (each gives a weak and a strong view)
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.01
+    lr_schedule: Literal["constant", "step", "cosine"] = "constant"
+    lr_steps: tuple[float, ...] = (0.67, 0.89)  # step schedule: lr x 0.1 at these fractions of iters
+    clip_grad_norm: float = 35.0  # 0 = off
+    ema_decay: float = 0.0  # > 0: the model is an exponential moving average of the weights
+
+    def __post_init__(self) -> None:
+        k = "freesolo.solver."
+        for name in ("iters", "batch_size", "lr"):
+            _positive(k + name, getattr(self, name))
+        _in_unit(k + "momentum", self.momentum)
+        _in_unit(k + "warmup_factor", self.warmup_factor)
+        for name in ("weight_decay", "warmup_iters", "clip_grad_norm"):
+            _non_negative(k + name, getattr(self, name))
+        _check(0 <= self.ema_decay < 1, k + "ema_decay", "must be in [0, 1)", self.ema_decay)
+        _check(all(0 < f < 1 for f in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps),
+               k + "lr_steps", "must be increasing fractions of iters in (0, 1)", self.lr_steps)
+
+
+@dataclass(frozen=True)
+class TestSettings:
+    """SOLO inference (``freesolo.test``; method reference, section 4): input size, candidates by
+    category score, maskness-weighted scores, Matrix NMS, at most ``max_per_image`` instances."""
+
+    __test__ = False  # not a pytest test class
+
+    short_side: int = 800
+    max_side: int = 1333
+    score_threshold: float = 0.1
+    mask_threshold: float = 0.5
+    nms_pre: int = 500
+    update_threshold: float = 0.05
+    max_per_image: int = 100
+    nms_sigma: float = 2.0
+    maskness_power: float = 1.0  # score = category score x maskness ** this (SOLOv2, the release: 1)
+
+    def __post_init__(self) -> None:
+        k = "freesolo.test."
+        for name in ("short_side", "max_side", "nms_pre", "max_per_image", "nms_sigma", "maskness_power"):
+            _positive(k + name, getattr(self, name))
+        for name in ("score_threshold", "mask_threshold", "update_threshold"):
+            _in_unit(k + name, getattr(self, name))
+
+
+@dataclass(frozen=True)
+class FreeSOLOParams:
+    """FreeSOLO self-training (method reference, sections 2-4): one section per concern, each the
+    settings object its module takes. Defaults are the paper's."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    input: InputSettings = field(default_factory=InputSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    solver: SolverSettings = field(default_factory=SolverSettings)
+    test: TestSettings = field(default_factory=TestSettings)
+    rounds: int = 1  # self-training rounds, each on the previous round's predictions
+    relabel_score: float = 0.3
+    relabel_max: int = 20
+
+    def __post_init__(self) -> None:
+        _positive("freesolo.rounds", self.rounds)
+        _positive("freesolo.relabel_max", self.relabel_max)
+        _in_unit("freesolo.relabel_score", self.relabel_score)
+
+
+@dataclass(frozen=True)
+class ExemplarParams:
+    """Exemplar knowledge abstraction (paper section 3.3)."""
+
+    num_images: int = 80
+    grabcut_rect_margin: float = 0.05
+    grabcut_iterations: int = 5
+    crop_margin: float = 0.1
+    refine_min_overlap: float = 0.5
+    refine_fallback: Literal["grabcut", "none"] = "grabcut"  # a crop no FreeSOLO mask fits: its GrabCut mask
+    min_pool: int = 8  # exemplar_freesolo stops when the pool holds fewer exemplars
+
+    def __post_init__(self) -> None:
+        _non_negative("exemplar.min_pool", self.min_pool)
+        _positive("exemplar.num_images", self.num_images)
+        _check(0 <= self.grabcut_rect_margin < 0.5, "exemplar.grabcut_rect_margin", "must be in [0, 0.5)",
+               self.grabcut_rect_margin)
+        _positive("exemplar.grabcut_iterations", self.grabcut_iterations)
+        _non_negative("exemplar.crop_margin", self.crop_margin)
+        _in_unit("exemplar.refine_min_overlap", self.refine_min_overlap)
+
+
+@dataclass(frozen=True)
+class EECParams:
+    """Exemplar embedding contrastive module (paper section 3.4); paper defaults, except where the
+    paper read literally cannot train: the temperature (at the paper's 0.02 a used image's loss
+    is capped at log(1 + exp(-(alpha - beta) / tau)) = 1.4e-11), centring and the exemplar view
+    (README, "Exemplars and the EEC loss")."""
+
+    weight: float = 1.3
+    alpha: float = 0.8
+    beta: float = 0.3
+    tau: float = 0.5  # paper: 0.02, which caps a used image's loss at 1.4e-11 (README): no gradient
+    granularity: Literal["image", "instance"] = "image"
+    max_instances: int = 5
+    feature_level: Literal["c3", "c4", "c5"] = "c5"
+    upsample: int = 2
+    pool_refresh: int = 0
+    exemplar_short_side: int = 800
+    exemplar_max_side: int = 1333
+    exemplar_view: Literal["scene", "crop"] = "scene"  # crop: the masked crop on black (paper as read)
+    logits: Literal["cosine", "projection"] = "cosine"  # the selecting cosines / tau (paper) | a projection head's
+    centre: bool = True  # select on cosines of features centred on the pool's mean
+    proj_dim: int = 128  # the projection head's output size (logits: projection)
+    proj_tau: float = 0.2  # its temperature
+    start_iter: int = 0  # 0: from scratch (paper); N: from FreeSOLO's state after N iterations
+
+    def __post_init__(self) -> None:
+        _non_negative("eec.weight", self.weight)
+        _positive("eec.proj_dim", self.proj_dim)
+        _positive("eec.proj_tau", self.proj_tau)
+        _non_negative("eec.start_iter", self.start_iter)
+        _check(-1 <= self.beta < self.alpha <= 1, "eec.alpha",
+               f"must be greater than eec.beta ({self.beta}) and both in [-1, 1]", self.alpha)
+        _positive("eec.tau", self.tau)
+        _positive("eec.max_instances", self.max_instances)
+        _positive("eec.upsample", self.upsample)
+        _non_negative("eec.pool_refresh", self.pool_refresh)
+        _positive("eec.exemplar_short_side", self.exemplar_short_side)
+        _positive("eec.exemplar_max_side", self.exemplar_max_side)
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    """Overlays of the same val images under every model (the ``report`` stage)."""
+
+    num_images: int = 8
+    min_score: float = 0.15
+    max_instances: int = 20
+
+    def __post_init__(self) -> None:
+        _positive("report.num_images", self.num_images)
+        _in_unit("report.min_score", self.min_score)
+        _positive("report.max_instances", self.max_instances)
+
+
+@dataclass(frozen=True)
+class PretrainRuntime:
+    log_every: int = 10
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        _positive("runtime.pretrain.log_every", self.log_every)
+        _positive("runtime.pretrain.checkpoint_every", self.checkpoint_every)
+
+
+@dataclass(frozen=True)
+class FreeMaskRuntime:
+    batch_size: int = 8  # images an inference batch (images of one size are batched together)
+    shard_size: int = 2000  # images a shard: finished shards are kept, an interrupted labelling resumes
+
+    def __post_init__(self) -> None:
+        _positive("runtime.freemask.batch_size", self.batch_size)
+        _non_negative("runtime.freemask.shard_size", self.shard_size)
+
+
+@dataclass(frozen=True)
+class TrainingRuntime:
+    log_every: int = 20
+    checkpoint_every: int = 500
+    eval_every: int = 0  # > 0: val segm AP / AP50 every N iterations into DVCLive (learning curves)
+
+    def __post_init__(self) -> None:
+        _positive("runtime.freesolo.log_every", self.log_every)
+        _positive("runtime.freesolo.checkpoint_every", self.checkpoint_every)
+        _non_negative("runtime.freesolo.eval_every", self.eval_every)
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """How the stages run, not what they compute. No stage declares these in ``dvc.yaml``, so
+    changing one re-runs nothing (``dvc repro -f -s <stage>`` applies it to a finished stage).
+    The trainings' results do not depend on the logging, checkpoint or evaluation intervals
+    (tests/test_train.py); the device does (CUDA trains in bf16, the CPU in float32)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    pretrain: PretrainRuntime = field(default_factory=PretrainRuntime)
+    freemask: FreeMaskRuntime = field(default_factory=FreeMaskRuntime)
+    freesolo: TrainingRuntime = field(default_factory=TrainingRuntime)  # FreeSOLO and Exemplar-FreeSOLO
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    data: DataParams = field(default_factory=DataParams)
+    backbone: BackboneParams = field(default_factory=BackboneParams)
+    freemask: FreeMaskParams = field(default_factory=FreeMaskParams)
+    freesolo: FreeSOLOParams = field(default_factory=FreeSOLOParams)
+    exemplar: ExemplarParams = field(default_factory=ExemplarParams)
+    eec: EECParams = field(default_factory=EECParams)
+    report: ReportParams = field(default_factory=ReportParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
+
+    def __post_init__(self) -> None:
+        iters = self.freesolo.solver.iters
+        _check(self.eec.start_iter < iters, "eec.start_iter", f"must be less than freesolo.solver.iters ({iters})",
+               self.eec.start_iter)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` or raise a one-line ParamsError."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        _check(isinstance(value, dict), key, "must be a mapping", value)
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        _check(value in allowed, key, f"must be one of {list(allowed)}", value)
+        return value
+    if origin is tuple and typing.get_args(tp)[-1] is not Ellipsis:  # fixed length, e.g. [low, high]
+        args = typing.get_args(tp)
+        _check(isinstance(value, list) and len(value) == len(args), key, f"must be a list of {len(args)}", value)
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if value is None or value == "":
+            return ()
+        if isinstance(value, (str, int, float)):
+            value = [value]  # a single folder is a list of one
+        _check(isinstance(value, list), key, "must be a list", value)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union type for {key}")
+    if tp is bool:
+        _check(isinstance(value, bool), key, "must be true or false", value)
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        _check(isinstance(value, str), key, "must be a string", value)
+        return value
+    raise TypeError(f"unsupported type {tp!r} for {key}")
+
+
+# keys that moved (params files written before the move get a pointer, not just "unknown"): the
+# runtime section, and FreeSOLO's flat keys that became the model / input / loss / solver / test sections
+MOVED_KEYS = {"device": "runtime.device", "backbone.pretrain.log_every": "runtime.pretrain.log_every",
+              "backbone.pretrain.checkpoint_every": "runtime.pretrain.checkpoint_every",
+              "freemask.batch_size": "runtime.freemask.batch_size", "freemask.shard_size": "runtime.freemask.shard_size",
+              "freesolo.log_every": "runtime.freesolo.log_every",
+              "freesolo.checkpoint_every": "runtime.freesolo.checkpoint_every",
+              "freesolo.eval_every": "runtime.freesolo.eval_every",
+              **{f"freesolo.{name}": f"freesolo.{section}.{name}"
+                 for section, cls in (("model", ModelSettings), ("input", InputSettings), ("loss", LossSettings),
+                                      ("solver", SolverSettings)) for name in cls.__dataclass_fields__},
+              **{f"freesolo.test_{name}": f"freesolo.test.{name}" for name in TestSettings.__dataclass_fields__}}
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        moved = MOVED_KEYS.get(prefix + unknown[0])
+        raise ParamsError(f"unknown key {prefix}{unknown[0]}{more}" + (f": it moved to {moved}" if moved else ""))
+    kwargs = {name: _coerce(raw[name], hints[name], prefix + name) for name in names if name in raw}
+    return cls(**kwargs)
+
+
+def params_from_dict(raw: dict) -> Params:
+    """Build validated Params from a plain dict (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"top level must be a mapping, got {type(raw).__name__}")
+    return _build(Params, raw)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; errors are one line naming the file and the key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    try:
+        return params_from_dict(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None
+
+
+def to_dict(params: Any) -> dict:
+    """Plain nested dict of a params dataclass (tuples become lists, at any depth)."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(params))

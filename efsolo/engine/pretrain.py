@@ -1,0 +1,192 @@
+"""DenseCL-style self-supervised pretraining of a ResNet trunk (for when no checkpoint is given).
+
+Two augmented views per image; a query encoder and a momentum key encoder, each with a
+global projection head (MLP on pooled C5) and a dense projection head (1x1 convs on C5);
+two queues of negatives. The dense positive of a query position is the key position whose
+backbone feature is most similar (DenseCL's correspondence); the dense queue holds pooled
+dense keys. Loss = (1 - w) * global InfoNCE + w * dense InfoNCE.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from efsolo.engine import resume
+from efsolo.modeling.backbone import ResNetTrunk, save_backbone
+from efsolo.data.datasets import load_manifest
+from efsolo.utils.errors import TrainingError
+from efsolo.data.images import IMAGENET_MEAN, IMAGENET_STD, read_image
+
+
+class DenseCLEncoder(nn.Module):
+    """Trunk + global and dense projection heads."""
+
+    def __init__(self, arch: str, proj_dim: int) -> None:
+        super().__init__()
+        self.trunk = ResNetTrunk(arch, 32)
+        c = self.trunk.channels["c5"]
+        hidden = min(2048, c)
+        self.global_head = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim))
+        self.dense_head = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, proj_dim, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, 3, H, W) -> backbone features (B, C, h, w), global (B, D), dense (B, D, h, w)."""
+        f = self.trunk(x)["c5"]
+        return f, self.global_head(f.mean(dim=(2, 3))), self.dense_head(f)
+
+
+def densecl_loss(g_q: torch.Tensor, g_k: torch.Tensor, d_q: torch.Tensor, d_k: torch.Tensor,
+                 f_q: torch.Tensor, f_k: torch.Tensor, queue_g: torch.Tensor, queue_d: torch.Tensor,
+                 temperature: float, dense_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DenseCL objective.
+
+    Shapes: g_q, g_k (B, D); d_q, d_k (B, D, h, w); f_q, f_k (B, C, h, w) backbone features used
+    for correspondence; queue_g, queue_d (D, K) unit columns. Returns (total, global, dense).
+    """
+    b, d = g_q.shape
+    g_q, g_k = F.normalize(g_q, dim=1), F.normalize(g_k, dim=1)
+    logits_g = torch.cat([(g_q * g_k).sum(1, keepdim=True), g_q @ queue_g], dim=1) / temperature
+    loss_g = F.cross_entropy(logits_g, torch.zeros(b, dtype=torch.long, device=g_q.device))
+
+    d_q = F.normalize(d_q.flatten(2), dim=1)  # (B, D, S)
+    d_k = F.normalize(d_k.flatten(2), dim=1)
+    f_q = F.normalize(f_q.flatten(2), dim=1)  # (B, C, S)
+    f_k = F.normalize(f_k.flatten(2), dim=1)
+    match = torch.einsum("bcs,bct->bst", f_q, f_k).argmax(dim=2)  # (B, S): key position per query position
+    k_pos = torch.gather(d_k, 2, match.unsqueeze(1).expand(-1, d, -1))  # (B, D, S)
+    pos = (d_q * k_pos).sum(1)  # (B, S)
+    neg = torch.einsum("bds,dk->bsk", d_q, queue_d)  # (B, S, K)
+    logits_d = torch.cat([pos.unsqueeze(-1), neg], dim=-1).flatten(0, 1) / temperature
+    loss_d = F.cross_entropy(logits_d, torch.zeros(logits_d.shape[0], dtype=torch.long, device=g_q.device))
+    return (1 - dense_weight) * loss_g + dense_weight * loss_d, loss_g, loss_d
+
+
+def make_augment(crop_size: int) -> T.Compose:
+    """Two-view augmentation of a uint8 (3, H, W) tensor to a normalised float crop."""
+    return T.Compose([
+        T.RandomResizedCrop(crop_size, scale=(0.2, 1.0), antialias=True),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=0.5),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD]),
+    ])
+
+
+class _ImageSource:
+    """Training images as uint8 (3, H, W) tensors; kept in memory when small enough."""
+
+    def __init__(self, records: list[dict], cache_bytes: int = 1 << 30) -> None:
+        self.paths = [r["file_name"] for r in records]
+        total = sum(r["width"] * r["height"] * 3 for r in records)
+        self.cache: dict[int, torch.Tensor] | None = {} if total <= cache_bytes else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        t = torch.from_numpy(read_image(self.paths[i])).permute(2, 0, 1).contiguous()
+        if self.cache is not None:
+            self.cache[i] = t
+        return t
+
+
+def _lr_at(step: int, iters: int, base_lr: float) -> float:
+    warm = max(1, iters // 20)
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, iters - warm)))
+
+
+def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_dir: str | Path, arch: str,
+        seed: int, iters: int, batch_size: int, crop_size: int, lr: float, weight_decay: float,
+        momentum: float, queue_size: int, temperature: float, dense_weight: float, proj_dim: int,
+        log_every: int, checkpoint_every: int, device: torch.device) -> dict:
+    """Pretrain and write ``out_path``. ``iters == 0`` writes the seeded random initialisation."""
+    resume.seed_everything(seed)
+    records = load_manifest(manifest)
+    enc_q = DenseCLEncoder(arch, proj_dim).to(device)
+    if iters == 0:
+        resume.make_live(live_dir, resume=False).end()
+        save_backbone(out_path, arch, enc_q.trunk.state_dict(), source=f"random-init(seed={seed})")
+        return {"iters": 0}
+    enc_k = copy.deepcopy(enc_q).requires_grad_(False)
+    queue_g = F.normalize(torch.randn(proj_dim, queue_size, device=device), dim=0)
+    queue_d = F.normalize(torch.randn(proj_dim, queue_size, device=device), dim=0)
+    opt = torch.optim.SGD(enc_q.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    fp = resume.fingerprint(arch=arch, seed=seed, iters=iters, batch_size=batch_size, crop_size=crop_size, lr=lr,
+                            weight_decay=weight_decay, momentum=momentum, queue_size=queue_size,
+                            temperature=temperature, dense_weight=dense_weight, proj_dim=proj_dim,
+                            images=[r["sha256"] for r in records])
+    ckpt_path = Path(ckpt_dir) / "last.pt"
+    start, ptr = 0, 0
+    if (ck := resume.load_checkpoint(ckpt_path, fp)) is not None:
+        enc_q.load_state_dict(ck["enc_q"])
+        enc_k.load_state_dict(ck["enc_k"])
+        opt.load_state_dict(ck["opt"])
+        queue_g, queue_d, ptr = ck["queue_g"].to(device), ck["queue_d"].to(device), ck["ptr"]
+        start = ck["step"]
+        resume.set_rng_state(ck["rng"])
+        print(f"resuming pretraining from iteration {start} ({ckpt_path})")
+    live = resume.make_live(live_dir, resume=start > 0)
+    source = _ImageSource(records)
+    augment = make_augment(crop_size)
+    use_amp = device.type == "cuda"
+    enc_q.train()
+    enc_k.train()
+    t0 = time.time()
+    bar = tqdm(range(start, iters), desc="pretraining", initial=start, total=iters, disable=None)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, iters, lr)
+        idx = torch.randint(len(source), (batch_size,))
+        imgs = [source[int(i)] for i in idx]
+        v1 = torch.stack([augment(im) for im in imgs]).to(device, non_blocking=True)
+        v2 = torch.stack([augment(im) for im in imgs]).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            f_q, g_q, d_q = enc_q(v1)
+            with torch.no_grad():
+                for p_k, p_q in zip(enc_k.parameters(), enc_q.parameters()):
+                    p_k.mul_(momentum).add_(p_q.detach(), alpha=1 - momentum)
+                f_k, g_k, d_k = enc_k(v2)
+        loss, loss_g, loss_d = densecl_loss(g_q.float(), g_k.float(), d_q.float(), d_k.float(), f_q.float(),
+                                            f_k.float(), queue_g, queue_d, temperature, dense_weight)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"pretraining loss is {loss.item()} at iteration {step}; the last good checkpoint "
+                               f"is kept in {ckpt_path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # enqueue the keys, overwriting the oldest
+            keys_g = F.normalize(g_k.float(), dim=1)
+            keys_d = F.normalize(F.normalize(d_k.float().flatten(2), dim=1).mean(2), dim=1)
+            cols = (torch.arange(batch_size, device=device) + ptr) % queue_size
+            queue_g[:, cols] = keys_g.T
+            queue_d[:, cols] = keys_d.T
+            ptr = (ptr + batch_size) % queue_size
+        if (step + 1) % log_every == 0 or step + 1 == iters:
+            live.step = step + 1
+            live.log_metric("pretrain/loss", loss.item())
+            live.log_metric("pretrain/loss_global", loss_g.item())
+            live.log_metric("pretrain/loss_dense", loss_d.item())
+            live.log_metric("pretrain/lr", opt.param_groups[0]["lr"])
+            live.next_step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == iters:
+            resume.save_checkpoint(ckpt_path, fp, step + 1, {
+                "enc_q": enc_q.state_dict(), "enc_k": enc_k.state_dict(), "opt": opt.state_dict(),
+                "queue_g": queue_g.cpu(), "queue_d": queue_d.cpu(), "ptr": ptr})
+    live.end()
+    save_backbone(out_path, arch, enc_q.trunk.state_dict(), source=f"densecl-pretrain(iters={iters}, seed={seed})")
+    return {"iters": iters, "seconds": time.time() - t0}

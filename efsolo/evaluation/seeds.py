@@ -1,0 +1,200 @@
+"""Seeds: the whole pipeline under seeds 0, 1, 2, ... as a DVC experiment queue, summarised.
+
+    efsolo seeds                 # dvc exp run --queue -S seed=N (N = 0 1 2), dvc queue start, wait
+    efsolo seeds --seeds 0 --seeds 1 --seeds 2 --seeds 3 -S freesolo.solver.iters=400
+
+Each seed re-runs every stage that reads ``seed`` (the synthetic data, pretraining, Free Mask,
+both trainings), in DVC's queue, one after the other, as experiments named ``seed-N``. The
+metrics of every model are then read back with ``dvc exp show --json`` and written to
+``metrics/seeds.json``: per seed, and the mean and (sample) standard deviation over seeds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+from efsolo.utils import atomic
+from efsolo.utils.errors import EfsoloError
+
+MODELS = ("freemask", "freesolo", "exemplar_freesolo")
+README_START, README_END = "<!-- seeds:start -->", "<!-- seeds:end -->"
+KEYS = (("segm", "AP"), ("segm", "AP50"), ("segm", "AR100"), ("bbox", "AP"), ("bbox", "AP50"))
+
+
+def _dvc(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+        raise EfsoloError(f"dvc {' '.join(args)} failed: {err}")
+    return proc.stdout
+
+
+def experiment_metrics(show: list | dict, names: list[str]) -> dict[str, dict[str, dict]]:
+    """From ``dvc exp show --json`` output, the metrics of the experiments called ``names``:
+    {name: {model: metrics dict}} (the newest run of a name when it ran more than once)."""
+    found: dict[str, tuple[str, dict]] = {}
+
+    def walk(node) -> None:  # noqa: ANN001
+        if isinstance(node, list):
+            for x in node:
+                walk(x)
+            return
+        if not isinstance(node, dict):
+            return
+        data = node.get("data")
+        if node.get("name") in names and isinstance(data, dict) and data.get("metrics"):
+            stamp = str(data.get("timestamp") or "")
+            if node["name"] not in found or stamp > found[node["name"]][0]:
+                metrics = {}
+                for path, blob in data["metrics"].items():
+                    model = Path(path).stem
+                    if Path(path).parent.name == "metrics" and model in MODELS and isinstance(blob, dict) \
+                            and blob.get("data"):  # a metrics file missing in that run comes as an "error"
+                        metrics[model] = blob["data"]
+                found[node["name"]] = (stamp, metrics)
+        for v in node.values():
+            walk(v)
+
+    walk(show)
+    return {name: m for name, (_, m) in found.items()}
+
+
+def summarise(per_seed: dict[int, dict[str, dict]]) -> dict:
+    """Per seed {model: {"segm AP": percent, ...}} and, per model and figure, mean and sample std.
+    Only models that every seed has are kept (a run limited to some stages lacks the others)."""
+    common = [m for m in MODELS if all(m in models for models in per_seed.values())]
+    rows: dict[int, dict[str, dict[str, float]]] = {}
+    for seed, models in sorted(per_seed.items()):
+        rows[seed] = {m: {f"{t} {k}": round(100 * models[m][t][k], 2) for t, k in KEYS
+                          if t in models[m] and k in models[m][t]} for m in common}
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for m in MODELS:
+        figures = sorted({f for r in rows.values() for f in r.get(m, {})})
+        for f in figures:
+            xs = [r[m][f] for r in rows.values() if f in r.get(m, {})]
+            mean = sum(xs) / len(xs)
+            std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+            summary.setdefault(m, {})[f] = {"mean": round(mean, 2), "std": round(std, 2), "n": len(xs)}
+    result = {"seeds": {str(s): r for s, r in rows.items()}, "summary": summary}
+    if "freesolo" in common and "exemplar_freesolo" in common:
+        result["paired"] = paired(rows)
+    return result
+
+
+def paired(rows: dict[int, dict[str, dict[str, float]]], base: str = "freesolo",
+           other: str = "exemplar_freesolo") -> dict:
+    """Exemplar-FreeSOLO against FreeSOLO seed by seed: the difference of every figure per seed,
+    whether ``other`` is higher in every seed, and the ratio of the means."""
+    figures = sorted(set.intersection(*(set(r[base]) & set(r[other]) for r in rows.values())))
+    diffs = {str(s): {f: round(r[other][f] - r[base][f], 2) for f in figures} for s, r in rows.items()}
+    out: dict = {"difference": diffs, "higher_every_seed": {}, "ratio_of_means": {}}
+    for f in figures:
+        out["higher_every_seed"][f] = all(d[f] > 0 for d in diffs.values())
+        mb = sum(r[base][f] for r in rows.values()) / len(rows)
+        mo = sum(r[other][f] for r in rows.values()) / len(rows)
+        out["ratio_of_means"][f] = round(mo / mb, 3) if mb > 0 else None
+    return out
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per model and seed, then mean ± std."""
+    figures = [f"{t} {k}" for t, k in KEYS]
+    lines = ["| model | seed | " + " | ".join(figures) + " |", "|---|---|" + "---|" * len(figures)]
+    for m in MODELS:
+        for seed, r in result["seeds"].items():
+            if m in r:
+                lines.append(f"| {m} | {seed} | " + " | ".join(f"{r[m].get(f, '-')}" for f in figures) + " |")
+        if m in result["summary"]:
+            s = result["summary"][m]
+            lines.append(f"| {m} | mean ± std | " + " | ".join(
+                f"{s[f]['mean']:.1f} ± {s[f]['std']:.1f}" if f in s else "-" for f in figures) + " |")
+    if "paired" in result:
+        pr = result["paired"]
+        for seed, d in pr["difference"].items():
+            lines.append(f"| exemplar_freesolo - freesolo | {seed} | " +
+                         " | ".join(f"{d[f]:+.2f}" if f in d else "-" for f in figures) + " |")
+        lines.append("| exemplar_freesolo / freesolo | ratio of means | " + " | ".join(
+            f"{pr['ratio_of_means'][f]:.2f}" if pr["ratio_of_means"].get(f) else "-" for f in figures) + " |")
+    return "\n".join(lines)
+
+
+def workspace_metrics(seed: int, overrides: list[str], metrics_dir: str | Path = "metrics") -> dict | None:
+    """The workspace's own metrics when they are those of ``seed``: no overrides, params.yaml's
+    seed is ``seed`` and ``dvc status`` finds the pipeline up to date; else ``None``."""
+    from efsolo.config import load_params
+
+    if overrides or load_params("params.yaml").seed != seed:
+        return None
+    if json.loads(_dvc("status", "--json") or "{}"):
+        return None
+    found = {m: json.loads((Path(metrics_dir) / f"{m}.json").read_text()) for m in MODELS
+             if (Path(metrics_dir) / f"{m}.json").is_file()}
+    return found or None
+
+
+def run(seeds: list[int], overrides: list[str], out: str | Path = "metrics/seeds.json", poll: float = 10.0,
+        targets: list[str] | None = None, only_collect: bool = False) -> dict:
+    """Queue the pipeline for every seed, run the queue (one job at a time), wait, summarise.
+
+    A seed whose results the workspace already holds (``dvc repro`` with that seed, nothing
+    changed since) is read from ``metrics/`` instead of being run again. ``targets`` (stage
+    names, e.g. ``evaluate@freesolo``) limit each run to those stages and what they need.
+    ``only_collect``: run nothing, read the finished experiments ``seed-N`` (after an
+    interrupted wait, or a queue started by hand)."""
+    if not seeds:
+        raise EfsoloError("seeds: give at least one seed")
+    known = {s: m for s in seeds if (m := workspace_metrics(s, overrides)) is not None}
+    if known:
+        print(f"seed {', '.join(map(str, known))}: the workspace's results (dvc status: up to date)")
+    names = [f"seed-{s}" for s in seeds if s not in known]
+    if not names:
+        found = {}
+    elif only_collect:
+        found = collect(names)
+    else:
+        found = _run_queue(names, overrides, poll, targets or [])
+    per_seed = {**known, **{int(n.split("-", 1)[1]): found[n] for n in names}}
+    # a run limited to some evaluations carries the other models' metrics files unchanged from
+    # the commit it started from: keep only the models it evaluated
+    evaluated = [t.split("@", 1)[1] for t in targets or [] if t.startswith("evaluate@")]
+    if evaluated:
+        per_seed = {s: {m: v for m, v in models.items() if m in evaluated} for s, models in per_seed.items()}
+    result = summarise(per_seed)
+    result["overrides"] = overrides
+    atomic.write_json(out, result, indent=1)
+    return result
+
+
+def _run_queue(names: list[str], overrides: list[str], poll: float, targets: list[str]) -> dict[str, dict]:
+    """Queue experiments ``seed-N`` (seed=N plus ``overrides``), run them one at a time, wait,
+    and return their metrics."""
+    _dvc("exp", "remove", *names, check=False)  # earlier runs of the same names
+    for name in names:
+        args = ["exp", "run", "--queue", "--name", name, "-S", f"seed={name.split('-', 1)[1]}"]
+        for o in overrides:
+            args += ["-S", o]
+        _dvc(*args, *targets)
+    _dvc("queue", "start", "-j", "1")
+    for name in names:  # follow each log to its end: progress for the user, and the wait
+        subprocess.run(["dvc", "queue", "logs", "--follow", name])
+    while any(w in _dvc("queue", "status") for w in ("Queued", "Running")):
+        time.sleep(poll)
+    status = _dvc("queue", "status").splitlines()
+    failed = [n for n in names if any(n in line.split() and "Failed" in line for line in status)]
+    if failed:
+        raise EfsoloError(f"seeds: experiments {', '.join(failed)} failed; see `dvc queue logs <name>`")
+    return collect(names)
+
+
+def collect(names: list[str]) -> dict[str, dict]:
+    """The metrics of the finished experiments ``names``, whatever commit they started from (a
+    commit made while the queue ran moves HEAD away from their baseline)."""
+    found = experiment_metrics(json.loads(_dvc("exp", "show", "--json", "--all-commits")), names)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise EfsoloError(f"seeds: no finished experiment {', '.join(missing)}; see `dvc queue status` "
+                          "and `dvc queue logs <name>`")
+    return found
