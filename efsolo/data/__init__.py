@@ -1,0 +1,1 @@
+"""Data: datasets (synthetic demo, COCO, image folders, VOC), image reading, COCO formats, pseudo-label batches, views."""

@@ -1,0 +1,1 @@
+"""Evaluation and reports: class-agnostic COCOeval, overlays, the report, efsolo predict, seeds."""

@@ -1,0 +1,1 @@
+"""Exemplars: GrabCut crops, FreeSOLO refinement, the exemplar pool, the EEC module and loss."""

@@ -1,0 +1,1 @@
+"""Free Mask: unsupervised masks and embeddings from a self-supervised backbone (the freemask stage)."""

@@ -1,0 +1,1 @@
+"""The network and inference: backbone trunk, DenseCL import, SOLO, targets, losses, Matrix NMS, model files."""
