@@ -45,9 +45,17 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through a temporary file. Saved through a file object, not a path: torch
+    names the records inside its zip after the file it writes, which here is a random temporary
+    name, so equal objects would give different bytes and DVC would see a changed output (and
+    re-run what depends on it) when nothing changed."""
     import torch
 
-    return write_with(path, lambda tmp: torch.save(obj, tmp))
+    def _w(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    return write_with(path, _w)
 
 
 def write_image(path: str | Path, rgb: Any) -> Path:
