@@ -2,8 +2,8 @@
 and the trained model's predictions on the validation images."""
 from __future__ import annotations
 
-from dataclasses import asdict
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +20,13 @@ from efsolo.modeling.model_io import load_model
 from efsolo.utils.distributed import dist_env
 
 
-def relabel(model_path: Path, records: list[dict], out_dir: Path, test: TestSettings, min_score: float, max_per_image: int, device: torch.device) -> tuple[Path, Path]:
+def relabel(model_path: Path, records: list[dict], out_dir: Path, test: TestSettings, min_score: float,
+            max_per_image: int, device: torch.device) -> tuple[Path, Path]:
     """Pseudo-labels from a trained model (score >= ``min_score``, at most ``max_per_image``),
     with the model's predicted embeddings, in the Free Mask file format; inference at ``test``'s size."""
     model = load_model(model_path).to(device)
     results, embeds, _ = predict_records(model, records, test.short_side, test.max_side, test, device,
-                                      desc="re-labelling")
+                                         desc="re-labelling")
     keep, per_image = [], {}
     for i, r in enumerate(results):
         if r["score"] >= min_score and per_image.get(r["image_id"], 0) < max_per_image:
