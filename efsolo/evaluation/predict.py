@@ -21,7 +21,7 @@ from efsolo.data.images import IMAGE_SUFFIXES, ImageReadError, list_images, read
 from efsolo.config import TestSettings
 from efsolo.modeling.inference import predict_image
 from efsolo.evaluation.overlay import draw_instances
-from efsolo.modeling.model_io import load_model, model_test_settings
+from efsolo.modeling.model_io import load_model_and_settings
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -65,8 +65,9 @@ def run(model_path: str | Path, inputs: list[str], out_dir: str | Path, short_si
     top; ``short_side`` / ``max_side`` default to its input size.
     """
     device = device or torch.device("cpu")
-    test = replace(test or model_test_settings(model_path), **(test_overrides or {}))
-    model = load_model(model_path).to(device)
+    model, recorded = load_model_and_settings(model_path)
+    model = model.to(device)
+    test = replace(test or recorded, **(test_overrides or {}))
     short_side, max_side = short_side or test.short_side, max_side or test.max_side
     paths = collect_images(inputs)
     if not paths:

@@ -33,29 +33,48 @@ def save_model(path: str | Path, model: SOLO, meta: dict) -> None:
     atomic.torch_save({"format": MODEL_FORMAT, "arch": asdict(model.arch), "state_dict": sd, "meta": meta}, path)
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SOLO:
-    """Load a trained model file (weights only; never executes code from the file)."""
-
+def _read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A model file's contents (weights only; never executes code from the file)."""
     path = Path(path)
     if not path.is_file():
         raise EfsoloError(f"{path}: no such model file")
     blob = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise EfsoloError(f"{path}: not an efsolo model file")
+    return blob
+
+
+def _network(blob: dict) -> SOLO:
     a = blob["arch"]
     model = SOLO(SOLOArch(**{**a, "grids": tuple(a["grids"])}))
     model.load_state_dict(blob["state_dict"])
     return model.eval()
 
 
-def model_test_settings(path: str | Path) -> TestSettings:
-    """The inference settings a model file records (those its stage evaluated it with); for a file
-    that records none, the defaults at the model's training input size."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-    meta = blob.get("meta", {}) if isinstance(blob, dict) else {}
+def _test_settings(blob: dict) -> TestSettings:
+    meta = blob.get("meta", {})
     recorded = meta.get("test")
     if recorded is None:
         size = meta.get("input_size")
         recorded = {"short_side": int(size[0]), "max_side": int(size[1])} if size else {}
     known = set(TestSettings.__dataclass_fields__)
     return TestSettings(**{k: v for k, v in recorded.items() if k in known})
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SOLO:
+    """Load a trained model file (weights only; never executes code from the file)."""
+    return _network(_read(path, map_location))
+
+
+def model_test_settings(path: str | Path) -> TestSettings:
+    """The inference settings a model file records (those its stage evaluated it with); for a file
+    that records none, the defaults at the model's training input size."""
+    return _test_settings(_read(path))
+
+
+def load_model_and_settings(path: str | Path,
+                            map_location: str | torch.device = "cpu") -> tuple[SOLO, TestSettings]:
+    """``load_model`` and ``model_test_settings`` from one read of the file (a paper-size model is
+    about 200 MB)."""
+    blob = _read(path, map_location)
+    return _network(blob), _test_settings(blob)
