@@ -278,6 +278,37 @@ def test_two_rounds_relabel_the_training_set(tiny):
     assert (tiny / "rounds" / "model.pt").exists() and (tiny / "rounds" / "val.json").exists()
 
 
+def test_val_predictions_reuse_the_curves_last_point_and_equal_a_fresh_prediction(tiny):
+    """With the learning curve on and its last point at the final iteration, the stage's val
+    predictions are that point's (no second pass over val), and they equal what the saved
+    model file predicts."""
+    from efsolo.data.datasets import load_manifest
+    from efsolo.engine import self_training as freesolo
+    from efsolo.modeling.inference import TestSettings as Settings, predict_records
+
+    test = Settings(short_side=64, max_side=64, score_threshold=0.0, update_threshold=0.0, mask_threshold=0.3)
+    kw = _kwargs(tiny, "unused", iters=3, ema_decay=0.9)
+    for k in ("labels", "embeddings", "out_path", "ckpt_dir", "live_dir", "device"):
+        kw.pop(k)
+
+    def run(name, eval_every):
+        d = tiny / name
+        return d, freesolo.run(labels=tiny / "labels.json", embeddings=tiny / "emb.npz",
+                               val_manifest=tiny / "data" / "val.json", train_manifest=tiny / "data" / "train.json",
+                               val_gt=tiny / "data" / "val_gt.json", model_path=d / "model.pt",
+                               predictions_path=d / "val.json", stats_path=d / "stats.json", work_dir=d / "work",
+                               live_dir=d / "live", rounds=1, relabel_score=0.0, relabel_max=3, test=test,
+                               device=torch.device("cpu"), eval_every=eval_every, **kw)
+
+    d, stats = run("reuse", 3)
+    assert stats["val_inference"]["from_learning_curve"] is True
+    fresh, _, _ = predict_records(load_model(d / "model.pt"), load_manifest(tiny / "data" / "val.json"), 64, 64,
+                                  test, torch.device("cpu"))
+    assert fresh and json.loads((d / "val.json").read_text()) == json.loads(json.dumps(fresh))
+    _, stats = run("off", 0)
+    assert stats["val_inference"]["from_learning_curve"] is False
+
+
 def test_drop_loss_only_lowers_the_focal_term():
     from efsolo.modeling.solo_model import SOLO
     from efsolo.engine.train import solo_losses

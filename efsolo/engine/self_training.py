@@ -54,11 +54,13 @@ def val_evaluator(val_manifest: Path, val_gt: Path, test: TestSettings, device: 
     kind = iou_types(gt)[0]
 
     def evaluator(model: torch.nn.Module) -> dict[str, float]:
-        results, _, _ = predict_records(model, records, test.short_side, test.max_side, test, device,
-                                        desc="val curve")
+        results, _, skipped = predict_records(model, records, test.short_side, test.max_side, test, device,
+                                              desc="val curve")
+        evaluator.last = (results, skipped)  # the final predictions, when this call saw the saved weights
         metrics, _ = evaluate(gt, results)
         return {f"{kind}_AP": round(100 * metrics[kind]["AP"], 2), f"{kind}_AP50": round(100 * metrics[kind]["AP50"], 2)}
 
+    evaluator.last = None
     return evaluator
 
 
@@ -88,12 +90,18 @@ def run(*, labels: Path, embeddings: Path, val_manifest: Path, train_manifest: P
     if dist_env()[0] != 0:  # under torchrun, rank 0 alone predicts and writes
         return stats
     t0 = time.time()
-    model = load_model(model_path).to(device)
-    results, _, skipped = predict_records(model, load_manifest(val_manifest), test.short_side, test.max_side, test,
-                                          device, desc="val inference")
+    evaluator = train_kwargs.get("evaluator")
+    reused = stats[f"round{rounds}"].get("evaluated_at_end", False) and getattr(evaluator, "last", None) is not None
+    if reused:  # the learning curve's last point predicted val with the saved weights already
+        results, skipped = evaluator.last
+    else:
+        model = load_model(model_path).to(device)
+        results, _, skipped = predict_records(model, load_manifest(val_manifest), test.short_side, test.max_side, test,
+                                              device, desc="val inference")
     write_results(predictions_path, results)
     stats["val_inference"] = {"images": len(load_manifest(val_manifest)), "instances": len(results),
-                              "seconds": round(time.time() - t0, 1), "skipped": skipped}
+                              "seconds": round(time.time() - t0, 1), "skipped": skipped,
+                              "from_learning_curve": reused}
     atomic.write_json(stats_path, stats, indent=1)
     return stats
 

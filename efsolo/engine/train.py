@@ -317,7 +317,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     as ``model.extra``, to ``extra_loss(model, out, images, masks, step, rows, total)``, whose
     ``total`` is added to the loss and whose other entries are logged. With ``eval_every`` > 0,
     ``evaluator(model)`` runs every that many iterations (and at the end) on rank 0 and its
-    metrics are logged as ``<log_prefix>/val/<name>`` with the elapsed training seconds.
+    metrics are logged as ``<log_prefix>/val/<name>`` with the elapsed training seconds;
+    ``evaluated_at_end`` in the returned stats says whether it saw the saved weights.
     With ``ema_decay`` > 0 an exponential moving average of the weights is kept (decay
     min(ema_decay, (1 + t) / (10 + t)) at update t); it is what is evaluated and saved.
     With ``state_path``, the whole training state after ``state_at`` iterations (weights, moving
@@ -386,7 +387,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     model.train()
     bad = torch.zeros((), dtype=torch.bool, device=device)
     logs: dict[str, torch.Tensor] = {}
-    t0, seen, t_eval = time.time(), 0, 0.0
+    t0, seen, t_eval, evaluated_at_end = time.time(), 0, 0.0, False
     bar = tqdm(range(start, iters), desc=log_prefix, initial=start, total=iters, disable=None if rank == 0 else True)
     for step in bar:
         if state_path is not None and step == state_at and rank == 0:
@@ -453,6 +454,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
                 val = evaluator(shown)
                 model.train()
                 t_eval += time.time() - t1
+                evaluated_at_end = step + 1 == iters
                 for k, v in val.items():
                     live.log_metric(f"{log_prefix}/val/{k}", float(v))
                 # training seconds so far (evaluation excluded): AP against time as well as iterations
@@ -462,7 +464,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             _save_state(ckpt_path, fp, step + 1, model, opt, ema, g_cpu, g_dev)
     seconds = time.time() - t0 - t_eval
     stats = {"iters": iters, "seconds": round(seconds, 1), "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
-             "final": {k: round(float(v), 4) for k, v in logs.items()}}
+             "final": {k: round(float(v), 4) for k, v in logs.items()},
+             "evaluated_at_end": evaluated_at_end}
     if extra_steps:  # this run's mean of each extra diagnostic (eec/frac_used, ...)
         stats["extra_mean"] = {k: round(float(v) / extra_steps, 4) for k, v in extra_sums.items()}
         if ratio_n:  # measured at the logging steps only
