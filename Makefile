@@ -36,4 +36,4 @@ seeds: setup
 	efsolo seeds --seeds 0 --seeds 1 --seeds 2
 
 clean:
-	rm -rf data/prepared models pseudo dvclive checkpoints metrics/pr $(filter-out metrics/bench.json,$(wildcard metrics/*.json))
+	rm -rf data/prepared models pseudo predictions dvclive checkpoints metrics/pr $(filter-out metrics/bench.json,$(wildcard metrics/*.json))

@@ -54,16 +54,19 @@ for _name, (_stage, _help) in STAGES.items():
 
 @app.command()
 def evaluate(model: str = typer.Option(..., help="Model name: metrics/<model>.json is written."),
-             predictions: Optional[str] = typer.Option(None, help="COCO results or dataset json to evaluate.")) -> None:
+             predictions: Optional[str] = typer.Option(None, help="COCO results or dataset json to evaluate "
+                                                                  "(default: the model's, under paths.predictions)."),
+             params: str = PARAMS) -> None:
     """Class-agnostic COCO evaluation (segm and bbox) of one model on the val set."""
-    _run(lambda: pipeline.evaluate(model, predictions))
+    _run(lambda: pipeline.evaluate(load_params(params), model, predictions))
 
 
 @app.command()
 def table(readme: Optional[str] = typer.Option(None, help="Also write the table into this README, "
-                                                           "between its results markers.")) -> None:
-    """Print the results table (percent) of every model in metrics/."""
-    _run(lambda: pipeline.update_readme(readme) if readme else pipeline.table())
+                                                           "between its results markers."),
+          params: str = PARAMS) -> None:
+    """Print the results table (percent) of every model in the metrics folder (paths.metrics)."""
+    _run(lambda: pipeline.update_readme(load_params(params), readme) if readme else pipeline.table(load_params(params)))
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """The pipeline's stages: each maps validated Params to one library ``run(...)`` with plain arguments.
 
 ``stages/*.py`` and the ``efsolo`` CLI both call these functions, so there is one wiring of
-params to code. The paths here are the ones ``dvc.yaml`` declares.
+params to code. Every path comes from ``params.yaml``'s ``paths`` (``Layout``), the keys that
+``dvc.yaml`` reads as ``${paths.*}``.
 """
 from __future__ import annotations
 
@@ -13,40 +14,76 @@ from functools import wraps
 from pathlib import Path
 from typing import Any, Callable
 
-from efsolo.config import Params, load_params, to_dict
+from efsolo.config import MODELS, Params, PathSettings, load_params, to_dict
 from efsolo.utils.errors import EfsoloError
 
-DATA_DIR = Path("data/prepared")
-TRAIN_MANIFEST = DATA_DIR / "train.json"
-VAL_MANIFEST = DATA_DIR / "val.json"
-VAL_GT = DATA_DIR / "val_gt.json"
-BACKBONE = Path("models/backbone.pt")
-BACKBONE_CKPT_DIR = Path("checkpoints/backbone")
-BACKBONE_LIVE_DIR = Path("dvclive/backbone")
-FREEMASK_DIR = Path("pseudo/freemask")
-FREEMASK_SHARD_DIR = Path("checkpoints/freemask")
-FREESOLO_MODEL = Path("models/freesolo.pt")
-FREESOLO_START = Path("models/freesolo_start.pt")  # FreeSOLO's training state after eec.start_iter iterations
-FREESOLO_WORK_DIR = Path("checkpoints/freesolo")
-FREESOLO_LIVE_DIR = Path("dvclive/freesolo")
-EXEMPLAR_DIR = Path("exemplars")
-POOL = EXEMPLAR_DIR / "pool.pt"
-EFS_MODEL = Path("models/exemplar_freesolo.pt")
-EFS_WORK_DIR = Path("checkpoints/exemplar_freesolo")
-EFS_LIVE_DIR = Path("dvclive/exemplar_freesolo")
-METRICS_DIR = Path("metrics")
-REPORT_DIR = Path("reports/overlays")
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Every file and folder the stages read and write, built from ``params.yaml``'s ``paths``:
+    the keys ``dvc.yaml`` reads as ``${paths.*}``, so the code and the pipeline agree by
+    construction (tests/test_dvc_deps.py checks each stage's outs against these)."""
 
-# model name -> its validation predictions (the ``evaluate`` foreach in dvc.yaml)
-PREDICTIONS = {"freemask": FREEMASK_DIR / "val.json", "freesolo": Path("predictions/freesolo/val.json"),
-               "exemplar_freesolo": Path("predictions/exemplar_freesolo/val.json")}
+    paths: PathSettings = PathSettings()
+
+    @property
+    def data(self) -> Path:
+        return Path(self.paths.data)
+
+    @property
+    def train_manifest(self) -> Path:
+        return self.data / "train.json"
+
+    @property
+    def val_manifest(self) -> Path:
+        return self.data / "val.json"
+
+    @property
+    def val_gt(self) -> Path:
+        return self.data / "val_gt.json"
+
+    def model(self, name: str) -> Path:
+        """``backbone``, ``freesolo``, ``exemplar_freesolo``, or ``freesolo_start`` (FreeSOLO's
+        training state after ``eec.start_iter`` iterations)."""
+        return Path(self.paths.models) / f"{name}.pt"
+
+    @property
+    def freemask(self) -> Path:
+        """Free Mask's training pseudo-labels, their embeddings and its stats."""
+        return Path(self.paths.pseudo) / "freemask"
+
+    def predictions(self, model: str) -> Path:
+        """A model's val predictions (COCO results; Free Mask's are its val pseudo-labels)."""
+        return Path(self.paths.predictions) / model / "val.json"
+
+    def checkpoints(self, stage: str) -> Path:
+        return Path(self.paths.checkpoints) / stage
+
+    def live(self, stage: str) -> Path:
+        return Path(self.paths.dvclive) / stage
+
+    @property
+    def exemplars(self) -> Path:
+        return Path(self.paths.exemplars)
+
+    @property
+    def pool(self) -> Path:
+        return self.exemplars / "pool.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return Path(self.paths.metrics)
+
+    @property
+    def overlays(self) -> Path:
+        return Path(self.paths.reports) / "overlays"
 
 
 def data(p: Params) -> dict:
     from efsolo.data import datasets
 
+    files = Layout(p.paths)
     d, s = p.data, p.data.synthetic
-    return datasets.run(DATA_DIR, source=d.source, seed=p.seed, train_images=d.train_images,
+    return datasets.run(files.data, source=d.source, seed=p.seed, train_images=d.train_images,
                         val_images=d.val_images, val_annotations=d.val_annotations,
                         voc_image_set=d.voc_image_set, num_train=s.num_train,
                         num_val=s.num_val, image_size=s.image_size, min_objects=s.min_objects,
@@ -56,19 +93,20 @@ def data(p: Params) -> dict:
 def backbone(p: Params) -> dict:
     from efsolo.modeling.backbone import resolve_device, save_backbone
 
+    files = Layout(p.paths)
     b = p.backbone
     if b.weights:
         from efsolo.modeling.checkpoint import load_densecl
 
         sd = load_densecl(b.weights, b.arch)
-        save_backbone(BACKBONE, b.arch, sd, source=f"densecl:{b.weights}")
-        BACKBONE_LIVE_DIR.mkdir(parents=True, exist_ok=True)
-        BACKBONE_CKPT_DIR.mkdir(parents=True, exist_ok=True)
+        save_backbone(files.model("backbone"), b.arch, sd, source=f"densecl:{b.weights}")
+        files.live("backbone").mkdir(parents=True, exist_ok=True)
+        files.checkpoints("backbone").mkdir(parents=True, exist_ok=True)
         return {"source": b.weights}
     from efsolo.engine import pretrain
 
     t = b.pretrain
-    return pretrain.run(TRAIN_MANIFEST, BACKBONE, BACKBONE_CKPT_DIR, BACKBONE_LIVE_DIR, arch=b.arch, seed=p.seed,
+    return pretrain.run(files.train_manifest, files.model("backbone"), files.checkpoints("backbone"), files.live("backbone"), arch=b.arch, seed=p.seed,
                         iters=t.iters, batch_size=t.batch_size, crop_size=t.crop_size, lr=t.lr,
                         weight_decay=t.weight_decay, momentum=t.momentum, queue_size=t.queue_size,
                         temperature=t.temperature, dense_weight=t.dense_weight, proj_dim=t.proj_dim,
@@ -80,8 +118,9 @@ def freemask(p: Params) -> dict:
     from efsolo.freemask import free_mask
     from efsolo.modeling.backbone import resolve_device
 
+    files = Layout(p.paths)
     f = p.freemask
-    return free_mask.run(TRAIN_MANIFEST, VAL_MANIFEST, BACKBONE, FREEMASK_DIR, device=resolve_device(p.runtime.device),
+    return free_mask.run(files.train_manifest, files.val_manifest, files.model("backbone"), files.freemask, device=resolve_device(p.runtime.device),
                          feature_stride=f.feature_stride, feature_level=f.feature_level, seed=p.seed,
                          short_side=f.short_side,
                          max_side=f.max_side, query_scales=f.query_scales, mask_threshold=f.mask_threshold,
@@ -90,7 +129,8 @@ def freemask(p: Params) -> dict:
                          top_exclude=f.top_exclude, split_components=f.split_components,
                          component_min_fraction=f.component_min_fraction, embed_dim=f.embed_dim,
                          embed_method=f.embed_method, batch_size=p.runtime.freemask.batch_size,
-                         shard_size=p.runtime.freemask.shard_size, shard_dir=FREEMASK_SHARD_DIR)
+                         shard_size=p.runtime.freemask.shard_size, shard_dir=files.checkpoints("freemask"),
+                         val_dir=files.predictions("freemask").parent)
 
 
 def _kwargs(settings: Any) -> dict:
@@ -105,11 +145,12 @@ def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
 
     from efsolo.modeling.solo_model import SOLOArch
 
+    files = Layout(p.paths)
     f, r = p.freesolo, p.runtime.freesolo
     with np.load(embeddings) as z:
         embed_dim = int(z["embeddings"].shape[1])
     arch = SOLOArch(arch=p.backbone.arch, embed_dim=embed_dim, **_kwargs(f.model))
-    return dict(backbone=BACKBONE, arch=arch, seed=p.seed, losses=f.loss, **_kwargs(f.solver), **_kwargs(f.input),
+    return dict(backbone=files.model("backbone"), arch=arch, seed=p.seed, losses=f.loss, **_kwargs(f.solver), **_kwargs(f.input),
                 log_every=r.log_every, checkpoint_every=r.checkpoint_every, eval_every=r.eval_every)
 
 
@@ -117,22 +158,24 @@ def freesolo(p: Params) -> dict:
     from efsolo.engine import self_training as fs
     from efsolo.modeling.backbone import resolve_device
 
+    files = Layout(p.paths)
     f = p.freesolo
-    embeddings = FREEMASK_DIR / "train_embeddings.npz"
-    return fs.run(labels=FREEMASK_DIR / "train.json", embeddings=embeddings, val_manifest=VAL_MANIFEST,
-                  train_manifest=TRAIN_MANIFEST, model_path=FREESOLO_MODEL, predictions_path=PREDICTIONS["freesolo"],
-                  stats_path=METRICS_DIR / "train" / "freesolo.json", work_dir=FREESOLO_WORK_DIR, live_dir=FREESOLO_LIVE_DIR, rounds=f.rounds,
+    embeddings = files.freemask / "train_embeddings.npz"
+    return fs.run(labels=files.freemask / "train.json", embeddings=embeddings, val_manifest=files.val_manifest,
+                  train_manifest=files.train_manifest, model_path=files.model("freesolo"), predictions_path=files.predictions("freesolo"),
+                  stats_path=files.metrics / "train" / "freesolo.json", work_dir=files.checkpoints("freesolo"), live_dir=files.live("freesolo"), rounds=f.rounds,
                   relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=f.test,
                   device=resolve_device(p.runtime.device),
-                  val_gt=VAL_GT, state_at=p.eec.start_iter, state_path=FREESOLO_START,
+                  val_gt=files.val_gt, state_at=p.eec.start_iter, state_path=files.model("freesolo_start"),
                   **solo_training_kwargs(p, embeddings))
 
 
 def exemplars(p: Params) -> dict:
     from efsolo.exemplars.crops import run_crops
 
+    files = Layout(p.paths)
     e = p.exemplar
-    return run_crops(TRAIN_MANIFEST, EXEMPLAR_DIR, num_images=e.num_images, seed=p.seed,
+    return run_crops(files.train_manifest, files.exemplars, num_images=e.num_images, seed=p.seed,
                      rect_margin=e.grabcut_rect_margin, iterations=e.grabcut_iterations, crop_margin=e.crop_margin)
 
 
@@ -140,7 +183,8 @@ def refine(p: Params) -> dict:
     from efsolo.modeling.backbone import resolve_device
     from efsolo.exemplars.crops import run_refine
 
-    return run_refine(EXEMPLAR_DIR / "crops.json", FREESOLO_MODEL, EXEMPLAR_DIR, test=p.freesolo.test,
+    files = Layout(p.paths)
+    return run_refine(files.exemplars / "crops.json", files.model("freesolo"), files.exemplars, test=p.freesolo.test,
                       min_overlap=p.exemplar.refine_min_overlap,
                       device=resolve_device(p.runtime.device), fallback=p.exemplar.refine_fallback)
 
@@ -149,8 +193,9 @@ def pool(p: Params) -> dict:
     from efsolo.modeling.backbone import resolve_device
     from efsolo.exemplars.eec import run_pool
 
+    files = Layout(p.paths)
     e = p.eec
-    return run_pool(EXEMPLAR_DIR / "pool.json", BACKBONE, POOL, feature_level=e.feature_level, upsample=e.upsample,
+    return run_pool(files.exemplars / "pool.json", files.model("backbone"), files.pool, feature_level=e.feature_level, upsample=e.upsample,
                     short_side=e.exemplar_short_side, max_side=e.exemplar_max_side, device=resolve_device(p.runtime.device),
                     view=e.exemplar_view)
 
@@ -162,11 +207,12 @@ def exemplar_freesolo(p: Params) -> dict:
     from efsolo.exemplars.eec import EECModule, load_objects, load_pool, make_eec_loss
     from efsolo.engine.resume import file_digest
 
+    files = Layout(p.paths)
     f, e, m = p.freesolo, p.eec, p.freemask
-    pool_blob = load_pool(POOL)
+    pool_blob = load_pool(files.pool)
     size = len(pool_blob["exemplars"])
     if size < p.exemplar.min_pool:
-        raise EfsoloError(f"{POOL}: the exemplar pool holds {size} exemplars, fewer than exemplar.min_pool "
+        raise EfsoloError(f"{files.pool}: the exemplar pool holds {size} exemplars, fewer than exemplar.min_pool "
                           f"({p.exemplar.min_pool}); see exemplars/pool.json for why crops were dropped, and raise "
                           f"exemplar.num_images or set exemplar.refine_fallback: grabcut")
     options = dict(query_scales=m.query_scales, mask_threshold=m.mask_threshold, min_pixels=m.min_pixels,
@@ -174,42 +220,46 @@ def exemplar_freesolo(p: Params) -> dict:
     guide = dict(score_threshold=m.score_threshold, max_box_width=m.max_box_width, top_exclude=m.top_exclude)
     extra_loss = make_eec_loss(pool_blob, e.alpha, e.beta, e.tau, e.weight, e.granularity, e.max_instances, p.seed,
                                options, e.pool_refresh,
-                               load_objects(EXEMPLAR_DIR / "pool.json") if e.pool_refresh else None,
+                               load_objects(files.exemplars / "pool.json") if e.pool_refresh else None,
                                logits=e.logits, centre=e.centre, proj_tau=e.proj_tau, guide_filters=guide)
     channels = feature_channels(p.backbone.arch)[e.feature_level]
-    embeddings = FREEMASK_DIR / "train_embeddings.npz"
+    embeddings = files.freemask / "train_embeddings.npz"
     kwargs = solo_training_kwargs(p, embeddings)
-    return fs.run(labels=FREEMASK_DIR / "train.json", embeddings=embeddings, val_manifest=VAL_MANIFEST,
-                  train_manifest=TRAIN_MANIFEST, model_path=EFS_MODEL,
-                  predictions_path=PREDICTIONS["exemplar_freesolo"],
-                  stats_path=METRICS_DIR / "train" / "exemplar_freesolo.json", work_dir=EFS_WORK_DIR,
-                  live_dir=EFS_LIVE_DIR, rounds=1, relabel_score=f.relabel_score, relabel_max=f.relabel_max,
+    return fs.run(labels=files.freemask / "train.json", embeddings=embeddings, val_manifest=files.val_manifest,
+                  train_manifest=files.train_manifest, model_path=files.model("exemplar_freesolo"),
+                  predictions_path=files.predictions("exemplar_freesolo"),
+                  stats_path=files.metrics / "train" / "exemplar_freesolo.json", work_dir=files.checkpoints("exemplar_freesolo"),
+                  live_dir=files.live("exemplar_freesolo"), rounds=1, relabel_score=f.relabel_score, relabel_max=f.relabel_max,
                   test=f.test,
-                  device=resolve_device(p.runtime.device), val_gt=VAL_GT,
+                  device=resolve_device(p.runtime.device), val_gt=files.val_gt,
                   extra_modules={"eec": EECModule(channels, e.upsample, e.proj_dim if e.logits == "projection" else 0,
                                                   seed=p.seed)},
-                  extra_loss=extra_loss, init_state=FREESOLO_START,
-                  fingerprint_extra={"eec": to_dict(e), "pool": file_digest(POOL), "freemask_ops": options,
+                  extra_loss=extra_loss, init_state=files.model("freesolo_start"),
+                  fingerprint_extra={"eec": to_dict(e), "pool": file_digest(files.pool), "freemask_ops": options,
                                      "guide": guide, "min_pool": p.exemplar.min_pool,
-                                     "init_state": file_digest(FREESOLO_START)}, **kwargs)
+                                     "init_state": file_digest(files.model("freesolo_start"))}, **kwargs)
 
 
-def evaluate(model: str, predictions: str | Path | None = None) -> dict:
+def evaluate(p: Params, model: str, predictions: str | Path | None = None) -> dict:
+    """Class-agnostic COCO evaluation of a model's val predictions (by default those the
+    pipeline writes for it) into ``metrics/<model>.json`` and ``metrics/pr/<model>/``."""
     from efsolo.evaluation import evaluate as ev
 
+    files = Layout(p.paths)
     if predictions is None:
-        if model not in PREDICTIONS:
-            raise EfsoloError(f"unknown model {model!r}; one of {sorted(PREDICTIONS)} or pass --predictions")
-        predictions = PREDICTIONS[model]
-    return ev.run(VAL_GT, predictions, METRICS_DIR / f"{model}.json", METRICS_DIR / "pr" / model)
+        if model not in MODELS:
+            raise EfsoloError(f"unknown model {model!r}; one of {', '.join(MODELS)}, or pass --predictions")
+        predictions = files.predictions(model)
+    return ev.run(files.val_gt, predictions, files.metrics / f"{model}.json", files.metrics / "pr" / model)
 
 
 def report(p: Params) -> dict:
     from efsolo.evaluation import report as rp
 
+    files = Layout(p.paths)
     r = p.report
     titles = {"freemask": "Free Mask", "freesolo": "FreeSOLO", "exemplar_freesolo": "Exemplar-FreeSOLO"}
-    return rp.run(VAL_MANIFEST, VAL_GT, {titles[k]: v for k, v in PREDICTIONS.items()}, REPORT_DIR, num_images=r.num_images, seed=p.seed,
+    return rp.run(files.val_manifest, files.val_gt, {titles[m]: files.predictions(m) for m in p.models}, files.overlays, num_images=r.num_images, seed=p.seed,
                   min_score=r.min_score, max_instances=r.max_instances)
 
 
@@ -217,11 +267,11 @@ README_START = "<!-- results:start -->"
 README_END = "<!-- results:end -->"
 
 
-def table(models: list[str] | None = None) -> str:
-    """The results table (percent) of every model in metrics/, as Markdown."""
+def table(p: Params, models: list[str] | None = None) -> str:
+    """The results table (percent) of every model in the metrics folder, as Markdown."""
     from efsolo.evaluation.evaluate import results_table
 
-    df = results_table(METRICS_DIR, models)
+    df = results_table(Layout(p.paths).metrics, models)
     if df.empty:
         return "(no metrics yet: run `dvc repro`)"
     header = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns)
@@ -242,9 +292,9 @@ def replace_between_markers(path: str | Path, start: str, end: str, body: str) -
     atomic.write_text(path, f"{head}{start}\n{body}\n{end}{tail}")
 
 
-def update_readme(readme: str | Path = "README.md") -> str:
+def update_readme(p: Params, readme: str | Path = "README.md") -> str:
     """Replace the text between the results markers of ``readme`` with the current table."""
-    body = table()
+    body = table(p)
     replace_between_markers(readme, README_START, README_END, body)
     return body
 

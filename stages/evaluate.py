@@ -2,6 +2,7 @@
 import sys
 import time
 
+from efsolo.config import load_params
 from efsolo.utils.errors import EfsoloError
 from efsolo.pipeline import evaluate, report_stage
 
@@ -10,7 +11,7 @@ if __name__ == "__main__":
         sys.exit("usage: python stages/evaluate.py MODEL PREDICTIONS")
     t0 = time.perf_counter()
     try:
-        evaluate(sys.argv[1], sys.argv[2])
+        evaluate(load_params(), sys.argv[1], sys.argv[2])
     except EfsoloError as err:
         sys.exit(f"error: {err}")
     report_stage(f"evaluate@{sys.argv[1]}", t0)

@@ -36,6 +36,12 @@ def test_single_folder_becomes_tuple():
     ({"backbone": {"pretrain": {"lr": -1}}}, "backbone.pretrain.lr must be > 0"),
     ({"data": {"source": "coco", "train_images": "a", "val_images": "b"}}, "data.val_annotations"),
     ({"data": {"synthetic": {"min_objects": 5, "max_objects": 2}}}, "data.synthetic.min_objects"),
+    ({"paths": {"models": "/abs/models"}}, "paths.models must be a folder inside the repository"),
+    ({"paths": {"metrics": "../metrics"}}, "paths.metrics must be a folder inside the repository"),
+    ({"paths": {"reports": "metrics"}}, "paths.reports must differ from paths.metrics"),
+    ({"paths": {"data": ""}}, "paths.data must be a non-empty folder"),
+    ({"models": ["freesolo", "cutler"]}, "models must be distinct names among freemask, freesolo, exemplar_freesolo"),
+    ({"models": []}, "models must be distinct names"),
 ])
 def test_invalid_values_name_the_key(raw, key):
     with pytest.raises(ParamsError, match=key.replace("[", r"\[").replace("]", r"\]")):

@@ -92,3 +92,52 @@ def test_the_walk_follows_function_level_imports():
     # inference does not import the training loop
     assert {"efsolo/exemplars/crops.py", "efsolo/modeling/model_io.py", "efsolo/pipeline.py"} <= used
     assert "efsolo/engine/pretrain.py" not in used and "efsolo/engine/train.py" not in used
+
+
+def test_dvc_yaml_and_the_code_take_their_paths_from_the_same_keys(tmp_path):
+    """With every folder of ``paths`` moved and one model left out of ``models``, DVC's own
+    resolution of dvc.yaml gives each stage exactly the outputs that ``pipeline.Layout`` gives
+    the code, and every data path a stage reads lies under the moved folders."""
+    import dataclasses
+
+    from dvc.repo import Repo
+
+    from efsolo.config import PathSettings, params_from_dict
+    from efsolo.pipeline import Layout
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["paths"] = {f.name: f"moved/{f.name}" for f in dataclasses.fields(PathSettings)}
+    raw["models"] = ["freemask", "exemplar_freesolo"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    Repo.init(str(tmp_path), no_scm=True)
+    stages = {s.name: s for s in Repo(str(tmp_path)).index.stages}
+
+    files = Layout(params_from_dict(raw).paths)
+    m = files.metrics
+    expected = {
+        "data": {files.data},
+        "backbone": {files.model("backbone"), files.checkpoints("backbone"), files.live("backbone")},
+        "freemask": {files.freemask, files.predictions("freemask").parent, files.checkpoints("freemask")},
+        "freesolo": {files.model("freesolo"), files.model("freesolo_start"), files.predictions("freesolo").parent,
+                     files.checkpoints("freesolo"), files.live("freesolo"), m / "train" / "freesolo.json"},
+        "exemplars": {files.exemplars / "crops", files.exemplars / "crops.json", files.exemplars / "crops_sheet.png"},
+        "refine": {files.exemplars / "objects", files.exemplars / "pool.json", files.exemplars / "pool_sheet.png"},
+        "pool": {files.pool},
+        "exemplar_freesolo": {files.model("exemplar_freesolo"), files.predictions("exemplar_freesolo").parent,
+                              files.checkpoints("exemplar_freesolo"), files.live("exemplar_freesolo"),
+                              m / "train" / "exemplar_freesolo.json"},
+        "report": {files.overlays},
+        **{f"evaluate@{k}": {m / f"{k}.json", m / "pr" / k / "segm.csv", m / "pr" / k / "bbox.csv"}
+           for k in ("freemask", "exemplar_freesolo")},
+    }
+    assert set(stages) == set(expected)
+    for name, stage in stages.items():
+        assert {Path(o.def_path) for o in stage.outs} == expected[name], name
+        for d in stage.deps:
+            path = Path(d.def_path)
+            if path.parts[0] not in ("stages", "efsolo", "params.yaml"):
+                assert path.parts[0] == "moved", (name, str(path))
+    evaluate = stages["evaluate@exemplar_freesolo"]
+    assert str(files.predictions("exemplar_freesolo")) in evaluate.cmd
+    assert files.predictions("exemplar_freesolo") in {Path(d.def_path) for d in evaluate.deps}

@@ -62,16 +62,17 @@ def test_predictions_missing_score_is_one_line_error():
 
 def test_readme_table_is_written_between_markers(tmp_path, monkeypatch):
     from efsolo import pipeline
+    from efsolo.config import Params
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics").mkdir()
     m = {t: {k: 0.123 for k in ("AP", "AP50", "AP75", "AR100")} for t in ("segm", "bbox")}
     (tmp_path / "metrics" / "freemask.json").write_text(json.dumps(m))
     (tmp_path / "README.md").write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
-    pipeline.update_readme("README.md")
+    pipeline.update_readme(Params(), "README.md")
     text = (tmp_path / "README.md").read_text()
     assert text.startswith("intro\n<!-- results:start -->\n| model | segm AP |") and text.endswith("-->\nrest\n")
     assert "| freemask | 12.3 |" in text and "old" not in text
     (tmp_path / "R2.md").write_text("no markers")
     with pytest.raises(ValueError, match="R2.md: no"):
-        pipeline.update_readme("R2.md")
+        pipeline.update_readme(Params(), "R2.md")

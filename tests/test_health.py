@@ -51,7 +51,8 @@ def demo_like(tmp_path_factory):
 def test_demo_training_settings_fit_one_fixed_batch(demo_like, monkeypatch, lr_factor):
     p, root = demo_like
     monkeypatch.chdir(root)
-    labels, emb = pipeline.FREEMASK_DIR / "train.json", pipeline.FREEMASK_DIR / "train_embeddings.npz"
+    pseudo = pipeline.Layout(p.paths).freemask
+    labels, emb = pseudo / "train.json", pseudo / "train_embeddings.npz"
     data = PseudoLabelSet(labels, emb)
     chosen = [i for i in range(len(data)) if data.load(i)[1].shape[0]][:IMAGES]
     assert len(chosen) == IMAGES, "Free Mask found objects on too few images"

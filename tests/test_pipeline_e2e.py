@@ -75,6 +75,9 @@ def test_repro_produces_metrics_and_is_then_up_to_date(repo):
         assert [line.split()[0] for line in curve.splitlines()] == ["step", *steps]
     labels = json.loads((repo / "pseudo" / "freemask" / "train.json").read_text())
     assert len(labels["images"]) == 12
+    # every model's val predictions under paths.predictions, Free Mask's too
+    assert (repo / "predictions" / "freemask" / "val.json").exists()
+    assert not (repo / "pseudo" / "freemask" / "val.json").exists()
     for model in ("freesolo", "exemplar_freesolo"):
         m = json.loads((repo / "metrics" / f"{model}.json").read_text())
         assert 0 <= m["segm"]["AP"] <= 1 and 0 <= m["bbox"]["AR100"] <= 1

@@ -380,6 +380,38 @@ class ReportParams:
         _positive("report.max_instances", self.max_instances)
 
 
+MODELS = ("freemask", "freesolo", "exemplar_freesolo")  # the models the pipeline trains or computes
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    """Where the stages write, relative to the repository root. ``dvc.yaml`` reads these keys
+    (``${paths.*}``) and ``efsolo.pipeline.Layout`` builds every file path from the same keys. No
+    stage declares them as params: a moved output is a changed stage definition already."""
+
+    data: str = "data/prepared"   # manifests, images and ground truth
+    models: str = "models"        # <model>.pt, backbone.pt, freesolo_start.pt
+    pseudo: str = "pseudo"        # freemask/: Free Mask's training pseudo-labels and embeddings
+    predictions: str = "predictions"  # <model>/val.json: every model's val predictions (COCO results)
+    exemplars: str = "exemplars"  # crops, refined objects, the exemplar pool
+    checkpoints: str = "checkpoints"  # <stage>/: training state and finished shards (resumable stages)
+    dvclive: str = "dvclive"      # <stage>/: training curves
+    metrics: str = "metrics"      # <model>.json, pr/<model>/, train/<model>.json
+    reports: str = "reports"      # overlays/
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            key = f"paths.{f.name}"
+            _check(bool(value.strip()), key, "must be a non-empty folder", value)
+            norm = Path(value)
+            _check(not norm.is_absolute() and ".." not in norm.parts, key,
+                   "must be a folder inside the repository (relative, without ..)", value)
+            _check(str(norm) not in seen, key, f"must differ from paths.{seen.get(str(norm))}", value)
+            seen[str(norm)] = f.name
+
+
 @dataclass(frozen=True)
 class PretrainRuntime:
     log_every: int = 10
@@ -435,9 +467,13 @@ class Params:
     exemplar: ExemplarParams = field(default_factory=ExemplarParams)
     eec: EECParams = field(default_factory=EECParams)
     report: ReportParams = field(default_factory=ReportParams)
+    paths: PathSettings = field(default_factory=PathSettings)
+    models: tuple[str, ...] = MODELS  # evaluated (dvc.yaml's evaluate foreach), drawn by the report
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
     def __post_init__(self) -> None:
+        _check(bool(self.models) and set(self.models) <= set(MODELS) and len(set(self.models)) == len(self.models),
+               "models", f"must be distinct names among {', '.join(MODELS)}", list(self.models))
         iters = self.freesolo.solver.iters
         _check(self.eec.start_iter < iters, "eec.start_iter", f"must be less than freesolo.solver.iters ({iters})",
                self.eec.start_iter)

@@ -16,10 +16,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from efsolo.config import MODELS, load_params
 from efsolo.utils import atomic
 from efsolo.utils.errors import EfsoloError
 
-MODELS = ("freemask", "freesolo", "exemplar_freesolo")
 README_START, README_END = "<!-- seeds:start -->", "<!-- seeds:end -->"
 KEYS = (("segm", "AP"), ("segm", "AP50"), ("segm", "AR100"), ("bbox", "AP"), ("bbox", "AP50"))
 
@@ -32,9 +32,10 @@ def _dvc(*args: str, check: bool = True) -> str:
     return proc.stdout
 
 
-def experiment_metrics(show: list | dict, names: list[str]) -> dict[str, dict[str, dict]]:
+def experiment_metrics(show: list | dict, names: list[str], metrics_dir: str = "metrics") -> dict[str, dict[str, dict]]:
     """From ``dvc exp show --json`` output, the metrics of the experiments called ``names``:
-    {name: {model: metrics dict}} (the newest run of a name when it ran more than once)."""
+    {name: {model: metrics dict}} (the newest run of a name when it ran more than once), read
+    from ``<metrics_dir>/<model>.json`` (``paths.metrics``)."""
     found: dict[str, tuple[str, dict]] = {}
 
     def walk(node) -> None:  # noqa: ANN001
@@ -51,7 +52,7 @@ def experiment_metrics(show: list | dict, names: list[str]) -> dict[str, dict[st
                 metrics = {}
                 for path, blob in data["metrics"].items():
                     model = Path(path).stem
-                    if Path(path).parent.name == "metrics" and model in MODELS and isinstance(blob, dict) \
+                    if Path(path).parent == Path(metrics_dir) and model in MODELS and isinstance(blob, dict) \
                             and blob.get("data"):  # a metrics file missing in that run comes as an "error"
                         metrics[model] = blob["data"]
                 found[node["name"]] = (stamp, metrics)
@@ -121,13 +122,13 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def workspace_metrics(seed: int, overrides: list[str], metrics_dir: str | Path = "metrics") -> dict | None:
+def workspace_metrics(seed: int, overrides: list[str]) -> dict | None:
     """The workspace's own metrics when they are those of ``seed``: no overrides, params.yaml's
     seed is ``seed`` and ``dvc status`` finds the pipeline up to date; else ``None``."""
-    from efsolo.config import load_params
-
-    if overrides or load_params("params.yaml").seed != seed:
+    params = load_params("params.yaml")
+    if overrides or params.seed != seed:
         return None
+    metrics_dir = params.paths.metrics
     if json.loads(_dvc("status", "--json") or "{}"):
         return None
     found = {m: json.loads((Path(metrics_dir) / f"{m}.json").read_text()) for m in MODELS
@@ -192,7 +193,8 @@ def _run_queue(names: list[str], overrides: list[str], poll: float, targets: lis
 def collect(names: list[str]) -> dict[str, dict]:
     """The metrics of the finished experiments ``names``, whatever commit they started from (a
     commit made while the queue ran moves HEAD away from their baseline)."""
-    found = experiment_metrics(json.loads(_dvc("exp", "show", "--json", "--all-commits")), names)
+    found = experiment_metrics(json.loads(_dvc("exp", "show", "--json", "--all-commits")), names,
+                               load_params("params.yaml").paths.metrics)
     missing = [n for n in names if n not in found]
     if missing:
         raise EfsoloError(f"seeds: no finished experiment {', '.join(missing)}; see `dvc queue status` "

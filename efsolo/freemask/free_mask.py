@@ -234,8 +234,9 @@ def load_embeddings(path: str | Path) -> dict[int, np.ndarray]:
 
 def run(train_manifest: str | Path, val_manifest: str | Path, backbone: str | Path, out_dir: str | Path,
         device: torch.device, feature_stride: int, seed: int, shard_size: int = 0,
-        shard_dir: str | Path | None = None, **options) -> dict:
-    """Label the train and val splits; write pseudo-labels, embeddings and ``stats.json``.
+        shard_dir: str | Path | None = None, val_dir: str | Path | None = None, **options) -> dict:
+    """Label the train and val splits; write pseudo-labels, embeddings and ``stats.json`` to
+    ``out_dir`` (the val split's to ``val_dir`` when given: they are Free Mask's val predictions).
 
     Each split is labelled in shards of ``shard_size`` images (0: one shard), written to
     ``shard_dir`` and merged (see :mod:`efsolo.utils.sharding`); under ``torchrun`` the processes
@@ -281,7 +282,7 @@ def run(train_manifest: str | Path, val_manifest: str | Path, backbone: str | Pa
             continue
         dataset, emb, skipped, seconds = sharding.merge_shards(shard_dir, split, len(slices), options["embed_dim"],
                                                                "Free Mask pseudo-labels")
-        save_pseudo_labels(out_dir, split, dataset, emb)
+        save_pseudo_labels(Path(val_dir) if split == "val" and val_dir is not None else out_dir, split, dataset, emb)
         n_img = max(1, len(dataset["images"]))
         stats[split] = {"images": len(dataset["images"]), "masks": len(dataset["annotations"]),
                         "masks_per_image": len(dataset["annotations"]) / n_img, "shards": len(slices),
