@@ -89,6 +89,28 @@ def test_val_curve_is_logged_and_leaves_the_training_unchanged(tiny):
     assert (tiny / "live_curve" / "plots" / "metrics" / "train" / "val" / "train_seconds.tsv").exists()
 
 
+def test_a_resumed_run_keeps_its_curves_up_to_the_checkpoint(tmp_path):
+    """dvc.yaml persists the DVCLive folders: a run resumed at step 3 keeps the points up to 3
+    and drops those the interrupted run logged after its last checkpoint; a fresh run starts
+    with empty curves."""
+    live = resume.make_live(tmp_path)
+    for step in range(1, 6):
+        live.step = step
+        live.log_metric("train/loss", 10.0 - step)
+        live.next_step()
+    live.end()
+    tsv = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
+    assert [r.split()[0] for r in tsv.read_text().splitlines()[1:]] == ["1", "2", "3", "4", "5"]
+    live = resume.make_live(tmp_path, resume_at=3)
+    live.step = 4
+    live.log_metric("train/loss", 0.5)
+    live.end()
+    assert [r.split()[:2] for r in tsv.read_text().splitlines()[1:]] == [["1", "9.0"], ["2", "8.0"], ["3", "7.0"],
+                                                                         ["4", "0.5"]]
+    resume.make_live(tmp_path).end()
+    assert not tsv.exists()
+
+
 def test_weight_average_follows_early_then_averages():
     from efsolo.engine.train import WeightAverage
 

@@ -118,7 +118,7 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
     records = load_manifest(manifest)
     enc_q = DenseCLEncoder(arch, proj_dim).to(device)
     if iters == 0:
-        resume.make_live(live_dir, resume=False).end()
+        resume.make_live(live_dir).end()
         save_backbone(out_path, arch, enc_q.trunk.state_dict(), source=f"random-init(seed={seed})")
         return {"iters": 0}
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
@@ -139,7 +139,7 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
         start = ck["step"]
         resume.set_rng_state(ck["rng"])
         print(f"resuming pretraining from iteration {start} ({ckpt_path})")
-    live = resume.make_live(live_dir, resume=start > 0)
+    live = resume.make_live(live_dir, resume_at=start if start > 0 else None)
     source = _ImageSource(records)
     augment = make_augment(crop_size)
     use_amp = device.type == "cuda"

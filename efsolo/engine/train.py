@@ -379,7 +379,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    live = resume.make_live(live_dir, resume=ck is not None) if rank == 0 else None
+    live = resume.make_live(live_dir, resume_at=start if ck is not None else None) if rank == 0 else None
     shared = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("trunk.")]
     extra_sums: dict[str, torch.Tensor] = {}
     extra_steps, ratio_sum, ratio_n = 0, torch.zeros((), device=device), 0
