@@ -90,16 +90,17 @@ def run(*, labels: Path, embeddings: Path, val_manifest: Path, train_manifest: P
     if dist_env()[0] != 0:  # under torchrun, rank 0 alone predicts and writes
         return stats
     t0 = time.time()
+    records = load_manifest(val_manifest)
     evaluator = train_kwargs.get("evaluator")
     reused = stats[f"round{rounds}"].get("evaluated_at_end", False) and getattr(evaluator, "last", None) is not None
     if reused:  # the learning curve's last point predicted val with the saved weights already
         results, skipped = evaluator.last
     else:
         model = load_model(model_path).to(device)
-        results, _, skipped = predict_records(model, load_manifest(val_manifest), test.short_side, test.max_side, test,
-                                              device, desc="val inference")
+        results, _, skipped = predict_records(model, records, test.short_side, test.max_side, test, device,
+                                              desc="val inference")
     write_results(predictions_path, results)
-    stats["val_inference"] = {"images": len(load_manifest(val_manifest)), "instances": len(results),
+    stats["val_inference"] = {"images": len(records), "instances": len(results),
                               "seconds": round(time.time() - t0, 1), "skipped": skipped,
                               "from_learning_curve": reused}
     atomic.write_json(stats_path, stats, indent=1)

@@ -387,7 +387,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     model.train()
     bad = torch.zeros((), dtype=torch.bool, device=device)
     logs: dict[str, torch.Tensor] = {}
-    t0, seen, t_eval, evaluated_at_end = time.time(), 0, 0.0, False
+    t0, seen, t_eval = time.time(), 0, 0.0
     bar = tqdm(range(start, iters), desc=log_prefix, initial=start, total=iters, disable=None if rank == 0 else True)
     for step in bar:
         if state_path is not None and step == state_at and rank == 0:
@@ -454,7 +454,6 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
                 val = evaluator(shown)
                 model.train()
                 t_eval += time.time() - t1
-                evaluated_at_end = step + 1 == iters
                 for k, v in val.items():
                     live.log_metric(f"{log_prefix}/val/{k}", float(v))
                 # training seconds so far (evaluation excluded): AP against time as well as iterations
@@ -465,7 +464,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     seconds = time.time() - t0 - t_eval
     stats = {"iters": iters, "seconds": round(seconds, 1), "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
              "final": {k: round(float(v), 4) for k, v in logs.items()},
-             "evaluated_at_end": evaluated_at_end}
+             # the loop evaluates its last iteration whenever it runs one
+             "evaluated_at_end": live is not None and evaluator is not None and eval_every > 0 and start < iters}
     if extra_steps:  # this run's mean of each extra diagnostic (eec/frac_used, ...)
         stats["extra_mean"] = {k: round(float(v) / extra_steps, 4) for k, v in extra_sums.items()}
         if ratio_n:  # measured at the logging steps only
