@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from efsolo import pipeline
-from efsolo.config import load_params
+from efsolo.config import OVERLAY_MIN_SCORE, load_params
 from efsolo.utils.errors import EfsoloError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -83,7 +83,7 @@ def predict(inputs: list[str] = typer.Argument(..., help="Image files and/or fol
                                                                    "(default: the model's)."),
             maskness_power: Optional[float] = typer.Option(None, help="Score = category score x maskness ** this "
                                                                       "(default: the model's)."),
-            overlay_min_score: float = typer.Option(0.15, help="Draw instances scoring at least this."),
+            overlay_min_score: float = typer.Option(OVERLAY_MIN_SCORE, help="Draw instances scoring at least this."),
             overlays: bool = typer.Option(True, help="Write overlay PNGs."),
             device: str = typer.Option("auto", help="auto | cpu | cuda")) -> None:
     """Segment any images: COCO results json (RLE) and overlay PNGs; unreadable files are skipped and listed.

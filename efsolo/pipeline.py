@@ -78,6 +78,13 @@ class Layout:
         return Path(self.paths.reports) / "overlays"
 
 
+def _device(p: Params):
+    """The torch device ``runtime.device`` names (``auto``: CUDA when present)."""
+    from efsolo.modeling.backbone import resolve_device
+
+    return resolve_device(p.runtime.device)
+
+
 def data(p: Params) -> dict:
     from efsolo.data import datasets
 
@@ -91,7 +98,7 @@ def data(p: Params) -> dict:
 
 
 def backbone(p: Params) -> dict:
-    from efsolo.modeling.backbone import resolve_device, save_backbone
+    from efsolo.modeling.backbone import save_backbone
 
     files = Layout(p.paths)
     b = p.backbone
@@ -110,17 +117,16 @@ def backbone(p: Params) -> dict:
                         iters=t.iters, batch_size=t.batch_size, crop_size=t.crop_size, lr=t.lr,
                         weight_decay=t.weight_decay, momentum=t.momentum, queue_size=t.queue_size,
                         temperature=t.temperature, dense_weight=t.dense_weight, proj_dim=t.proj_dim,
-                        log_every=p.runtime.pretrain.log_every, checkpoint_every=p.runtime.pretrain.checkpoint_every,
-                        device=resolve_device(p.runtime.device))
+                        color_jitter=t.color_jitter, grayscale_prob=t.grayscale_prob, log_every=p.runtime.pretrain.log_every, checkpoint_every=p.runtime.pretrain.checkpoint_every,
+                        device=_device(p))
 
 
 def freemask(p: Params) -> dict:
     from efsolo.freemask import free_mask
-    from efsolo.modeling.backbone import resolve_device
 
     files = Layout(p.paths)
     f = p.freemask
-    return free_mask.run(files.train_manifest, files.val_manifest, files.model("backbone"), files.freemask, device=resolve_device(p.runtime.device),
+    return free_mask.run(files.train_manifest, files.val_manifest, files.model("backbone"), files.freemask, device=_device(p),
                          feature_stride=f.feature_stride, feature_level=f.feature_level, seed=p.seed,
                          short_side=f.short_side,
                          max_side=f.max_side, query_scales=f.query_scales, mask_threshold=f.mask_threshold,
@@ -156,7 +162,6 @@ def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
 
 def freesolo(p: Params) -> dict:
     from efsolo.engine import self_training as fs
-    from efsolo.modeling.backbone import resolve_device
 
     files = Layout(p.paths)
     f = p.freesolo
@@ -165,7 +170,7 @@ def freesolo(p: Params) -> dict:
                   train_manifest=files.train_manifest, model_path=files.model("freesolo"), predictions_path=files.predictions("freesolo"),
                   stats_path=files.metrics / "train" / "freesolo.json", work_dir=files.checkpoints("freesolo"), live_dir=files.live("freesolo"), rounds=f.rounds,
                   relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=f.test,
-                  device=resolve_device(p.runtime.device),
+                  device=_device(p),
                   val_gt=files.val_gt, state_at=p.eec.start_iter, state_path=files.model("freesolo_start"),
                   **solo_training_kwargs(p, embeddings))
 
@@ -180,30 +185,28 @@ def exemplars(p: Params) -> dict:
 
 
 def refine(p: Params) -> dict:
-    from efsolo.modeling.backbone import resolve_device
     from efsolo.exemplars.crops import run_refine
 
     files = Layout(p.paths)
     return run_refine(files.exemplars / "crops.json", files.model("freesolo"), files.exemplars, test=p.freesolo.test,
                       min_overlap=p.exemplar.refine_min_overlap,
-                      device=resolve_device(p.runtime.device), fallback=p.exemplar.refine_fallback)
+                      device=_device(p), fallback=p.exemplar.refine_fallback)
 
 
 def pool(p: Params) -> dict:
-    from efsolo.modeling.backbone import resolve_device
     from efsolo.exemplars.eec import run_pool
 
     files = Layout(p.paths)
     e = p.eec
     return run_pool(files.exemplars / "pool.json", files.model("backbone"), files.pool, feature_level=e.feature_level, upsample=e.upsample,
-                    short_side=e.exemplar_short_side, max_side=e.exemplar_max_side, device=resolve_device(p.runtime.device),
+                    short_side=e.exemplar_short_side, max_side=e.exemplar_max_side, device=_device(p),
                     view=e.exemplar_view)
 
 
 def exemplar_freesolo(p: Params) -> dict:
     """FreeSOLO training plus lambda_eec * L_eec, then predictions on val."""
     from efsolo.engine import self_training as fs
-    from efsolo.modeling.backbone import resolve_device, feature_channels
+    from efsolo.modeling.backbone import feature_channels
     from efsolo.exemplars.eec import EECModule, load_objects, load_pool, make_eec_loss
     from efsolo.engine.resume import file_digest
 
@@ -231,7 +234,7 @@ def exemplar_freesolo(p: Params) -> dict:
                   stats_path=files.metrics / "train" / "exemplar_freesolo.json", work_dir=files.checkpoints("exemplar_freesolo"),
                   live_dir=files.live("exemplar_freesolo"), rounds=1, relabel_score=f.relabel_score, relabel_max=f.relabel_max,
                   test=f.test,
-                  device=resolve_device(p.runtime.device), val_gt=files.val_gt,
+                  device=_device(p), val_gt=files.val_gt,
                   extra_modules={"eec": EECModule(channels, e.upsample, e.proj_dim if e.logits == "projection" else 0,
                                                   seed=p.seed)},
                   extra_loss=extra_loss, init_state=files.model("freesolo_start"),

@@ -34,6 +34,8 @@ def test_single_folder_becomes_tuple():
     ({"data": {"source": "imagenet"}}, "data.source must be one of"),
     ({"freemask": {"feature_stride": 4}}, "freemask.feature_stride must be one of"),
     ({"backbone": {"pretrain": {"lr": -1}}}, "backbone.pretrain.lr must be > 0"),
+    ({"backbone": {"pretrain": {"color_jitter": 1.5}}}, "backbone.pretrain.color_jitter must be in [0, 1]"),
+    ({"backbone": {"pretrain": {"grayscale_prob": -0.1}}}, "backbone.pretrain.grayscale_prob must be in [0, 1]"),
     ({"data": {"source": "coco", "train_images": "a", "val_images": "b"}}, "data.val_annotations"),
     ({"data": {"synthetic": {"min_objects": 5, "max_objects": 2}}}, "data.synthetic.min_objects"),
     ({"paths": {"models": "/abs/models"}}, "paths.models must be a folder inside the repository"),

@@ -40,6 +40,31 @@ def test_dense_correspondence_uses_backbone_similarity():
     assert matched.item() < unmatched.item()
 
 
+def _colours(augment, image: torch.Tensor, draws: int) -> torch.Tensor:
+    """Mean RGB (draws, 3) of ``draws`` augmented views of ``image``, back in [0, 1] units."""
+    from efsolo.data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / 255
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1) / 255
+    return torch.stack([(augment(image) * std + mean).mean(dim=(1, 2)) for _ in range(draws)])
+
+
+def test_colour_augmentation_is_a_setting_and_off_keeps_colours():
+    """A constant-colour image: crops, flips and blur keep its colour, colour jitter and grayscale
+    do not. color_jitter=0, grayscale_prob=0 must leave it alone; DenseCL's setting must not."""
+    torch.manual_seed(0)
+    image = torch.empty(3, 64, 64, dtype=torch.uint8)
+    image[0], image[1], image[2] = 200, 60, 30
+    target = torch.tensor([200, 60, 30]) / 255
+    plain = _colours(pretrain.make_augment(32, color_jitter=0.0, grayscale_prob=0.0), image, 20)
+    assert torch.allclose(plain, target.expand_as(plain), atol=1e-3)
+    densecl = _colours(pretrain.make_augment(32), image, 20)
+    moved = (densecl - target).abs().max(dim=1).values > 0.02
+    assert 8 <= int(moved.sum()) <= 20  # 1 - 0.2 * 0.8 = 84% of the views change colour
+    grey = _colours(pretrain.make_augment(32, color_jitter=0.0, grayscale_prob=1.0), image, 5)
+    assert torch.allclose(grey, grey[:, :1].expand_as(grey), atol=1e-3)  # R = G = B
+
+
 def _tiny_run(tmp, ckpt, **kw):
     return pretrain.run(tmp / "data" / "train.json", tmp / f"{ckpt}.pt", tmp / ckpt, tmp / f"live_{ckpt}",
                         arch="resnet18", seed=0, iters=4, batch_size=2, crop_size=32, lr=0.05,

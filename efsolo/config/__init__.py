@@ -96,6 +96,8 @@ class PretrainParams:
     temperature: float = 0.2
     dense_weight: float = 0.5
     proj_dim: int = 128
+    color_jitter: float = 0.4  # MoCo v2 / DenseCL: brightness, contrast, saturation 0.4, hue 0.1
+    grayscale_prob: float = 0.2
 
     def __post_init__(self) -> None:
         _non_negative("backbone.pretrain.iters", self.iters)
@@ -109,6 +111,9 @@ class PretrainParams:
         _positive("backbone.pretrain.temperature", self.temperature)
         _in_unit("backbone.pretrain.dense_weight", self.dense_weight)
         _positive("backbone.pretrain.proj_dim", self.proj_dim)
+        _check(0.0 <= self.color_jitter <= 1.0, "backbone.pretrain.color_jitter", "must be in [0, 1]",
+               self.color_jitter)
+        _in_unit("backbone.pretrain.grayscale_prob", self.grayscale_prob)
 
 
 @dataclass(frozen=True)
@@ -366,12 +371,15 @@ class EECParams:
         _positive("eec.exemplar_max_side", self.exemplar_max_side)
 
 
+OVERLAY_MIN_SCORE = 0.15  # overlays draw instances from this score (the report's and efsolo predict's default)
+
+
 @dataclass(frozen=True)
 class ReportParams:
     """Overlays of the same val images under every model (the ``report`` stage)."""
 
     num_images: int = 8
-    min_score: float = 0.15
+    min_score: float = OVERLAY_MIN_SCORE
     max_instances: int = 20
 
     def __post_init__(self) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from efsolo.utils import atomic
 from efsolo.config import Params, params_from_dict, to_dict
+from efsolo.utils import atomic
 from efsolo.utils.errors import EfsoloError
 
 DATASETS = ("coco", "uvo", "voc")

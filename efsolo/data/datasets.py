@@ -21,9 +21,9 @@ from typing import Iterable
 
 from tqdm import tqdm
 
-from efsolo.utils import atomic
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY, class_agnostic, empty_dataset, mask_annotation, read_json
 from efsolo.data.images import ImageReadError, file_sha256, list_images, read_image
+from efsolo.utils import atomic
 
 
 class DataError(EfsoloError):

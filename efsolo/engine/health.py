@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from efsolo.modeling.inference import normalise
-from efsolo.data.pseudo_labels import Batch
-from efsolo.modeling.solo_model import SOLO, dynamic_masks
 from efsolo.config import LossSettings
+from efsolo.data.pseudo_labels import Batch
+from efsolo.modeling.inference import normalise
+from efsolo.modeling.solo_model import SOLO, dynamic_masks
 from efsolo.modeling.targets import assign_cells
 
 

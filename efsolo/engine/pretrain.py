@@ -19,11 +19,11 @@ from torch import nn
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+from efsolo.data.datasets import load_manifest
+from efsolo.data.images import IMAGENET_MEAN, IMAGENET_STD, read_image
 from efsolo.engine import resume
 from efsolo.modeling.backbone import ResNetTrunk, save_backbone
-from efsolo.data.datasets import load_manifest
 from efsolo.utils.errors import TrainingError
-from efsolo.data.images import IMAGENET_MEAN, IMAGENET_STD, read_image
 
 
 class DenseCLEncoder(nn.Module):
@@ -69,13 +69,23 @@ def densecl_loss(g_q: torch.Tensor, g_k: torch.Tensor, d_q: torch.Tensor, d_k: t
     return (1 - dense_weight) * loss_g + dense_weight * loss_d, loss_g, loss_d
 
 
-def make_augment(crop_size: int) -> T.Compose:
-    """Two-view augmentation of a uint8 (3, H, W) tensor to a normalised float crop."""
+def make_augment(crop_size: int, color_jitter: float = 0.4, grayscale_prob: float = 0.2) -> T.Compose:
+    """Two-view augmentation of a uint8 (3, H, W) tensor to a normalised float crop.
+
+    ``color_jitter`` is the brightness, contrast and saturation jitter (hue: a quarter of it),
+    applied with probability 0.8; 0 leaves colours alone, so the trunk may keep colour in its
+    features. DenseCL's (MoCo v2's) augmentation is ``color_jitter=0.4, grayscale_prob=0.2``.
+    """
+    colour = []
+    if color_jitter > 0:
+        colour.append(T.RandomApply([T.ColorJitter(color_jitter, color_jitter, color_jitter, color_jitter / 4)],
+                                    p=0.8))
+    if grayscale_prob > 0:
+        colour.append(T.RandomGrayscale(p=grayscale_prob))
     return T.Compose([
         T.RandomResizedCrop(crop_size, scale=(0.2, 1.0), antialias=True),
         T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
+        *colour,
         T.RandomApply([T.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=0.5),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize([m / 255 for m in IMAGENET_MEAN], [s / 255 for s in IMAGENET_STD]),
@@ -112,8 +122,10 @@ def _lr_at(step: int, iters: int, base_lr: float) -> float:
 def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_dir: str | Path, arch: str,
         seed: int, iters: int, batch_size: int, crop_size: int, lr: float, weight_decay: float,
         momentum: float, queue_size: int, temperature: float, dense_weight: float, proj_dim: int,
-        log_every: int, checkpoint_every: int, device: torch.device) -> dict:
-    """Pretrain and write ``out_path``. ``iters == 0`` writes the seeded random initialisation."""
+        log_every: int, checkpoint_every: int, device: torch.device, color_jitter: float = 0.4,
+        grayscale_prob: float = 0.2) -> dict:
+    """Pretrain and write ``out_path``. ``iters == 0`` writes the seeded random initialisation.
+    ``color_jitter`` and ``grayscale_prob``: see :func:`make_augment`."""
     resume.seed_everything(seed)
     records = load_manifest(manifest)
     enc_q = DenseCLEncoder(arch, proj_dim).to(device)
@@ -128,6 +140,7 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
     fp = resume.fingerprint(arch=arch, seed=seed, iters=iters, batch_size=batch_size, crop_size=crop_size, lr=lr,
                             weight_decay=weight_decay, momentum=momentum, queue_size=queue_size,
                             temperature=temperature, dense_weight=dense_weight, proj_dim=proj_dim,
+                            color_jitter=color_jitter, grayscale_prob=grayscale_prob,
                             images=[r["sha256"] for r in records])
     ckpt_path = Path(ckpt_dir) / "last.pt"
     start, ptr = 0, 0
@@ -141,7 +154,7 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
         print(f"resuming pretraining from iteration {start} ({ckpt_path})")
     live = resume.make_live(live_dir, resume_at=start if start > 0 else None)
     source = _ImageSource(records)
-    augment = make_augment(crop_size)
+    augment = make_augment(crop_size, color_jitter, grayscale_prob)
     use_amp = device.type == "cuda"
     enc_q.train()
     enc_k.train()

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from efsolo.utils import atomic
+from efsolo.config import TestSettings
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY
 from efsolo.data.datasets import load_manifest
-from efsolo.freemask.free_mask import save_pseudo_labels
-from efsolo.config import TestSettings
-from efsolo.modeling.inference import predict_records, write_results
 from efsolo.engine.train import train
+from efsolo.freemask.free_mask import save_pseudo_labels
+from efsolo.modeling.inference import predict_records, write_results
 from efsolo.modeling.model_io import load_model
+from efsolo.utils import atomic
 from efsolo.utils.distributed import dist_env
 
 

@@ -21,18 +21,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from efsolo.engine import resume
 from efsolo.config import LossSettings
-from efsolo.utils.errors import TrainingError
+from efsolo.data.pseudo_labels import Batch, PseudoLabelSet, make_batch
+from efsolo.data.views import copy_paste, strong_view
+from efsolo.engine import resume
+from efsolo.modeling.inference import normalise
 from efsolo.modeling.losses import (avg_projection_loss, colour_similarity, drop_loss_weights, focal_loss,
                            max_projection_loss, pairwise_loss, semantic_loss)
-from efsolo.modeling.inference import normalise
-from efsolo.data.pseudo_labels import Batch, PseudoLabelSet, make_batch
 from efsolo.modeling.model_io import build_model, save_model
 from efsolo.modeling.solo_model import SOLO, SOLOArch, SOLOOutput, dynamic_masks
-from efsolo.utils.distributed import dist_env
 from efsolo.modeling.targets import assign_cells
-from efsolo.data.views import copy_paste, strong_view
+from efsolo.utils.distributed import dist_env
+from efsolo.utils.errors import TrainingError
 
 TRAIN_STATE_FORMAT = "efsolo-train-state-v1"
 

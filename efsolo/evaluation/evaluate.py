@@ -18,8 +18,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from efsolo.utils import atomic
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY, AnnotationError, class_agnostic, read_json
+from efsolo.utils import atomic
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
 IOU_TYPES = ("segm", "bbox")

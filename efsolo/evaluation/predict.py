@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from efsolo.utils import atomic
+from efsolo.config import OVERLAY_MIN_SCORE, TestSettings
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY, encode_mask, mask_box
-from efsolo.utils.errors import EfsoloError
 from efsolo.data.images import IMAGE_SUFFIXES, ImageReadError, list_images, read_image
-from efsolo.config import TestSettings
-from efsolo.modeling.inference import predict_image
 from efsolo.evaluation.overlay import draw_instances
+from efsolo.modeling.inference import predict_image
 from efsolo.modeling.model_io import load_model_and_settings
+from efsolo.utils import atomic
+from efsolo.utils.errors import EfsoloError
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -57,7 +57,7 @@ def _overlay_names(paths: list[Path]) -> list[str]:
 
 def run(model_path: str | Path, inputs: list[str], out_dir: str | Path, short_side: int | None = None,
         max_side: int | None = None, test: TestSettings | None = None, device: torch.device | None = None,
-        overlay_min_score: float = 0.15, overlays: bool = True, test_overrides: dict | None = None) -> dict:
+        overlay_min_score: float = OVERLAY_MIN_SCORE, overlays: bool = True, test_overrides: dict | None = None) -> dict:
     """Predict every image; returns a summary ``{images, instances, skipped, out}``.
 
     ``test`` defaults to the inference settings the model file records (those its stage evaluated

@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from efsolo.utils import atomic
 from efsolo.data.coco_format import encode_mask, decode_mask, read_json
 from efsolo.data.datasets import load_manifest
 from efsolo.data.images import ImageReadError, read_image
 from efsolo.evaluation.overlay import draw_annotations, side_by_side
+from efsolo.utils import atomic
 
 
 def sample_ids(ids: list[int], count: int, seed: int) -> list[int]:

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from efsolo.utils import atomic
-from efsolo.data.coco_format import read_json
 from efsolo.config import TestSettings
+from efsolo.data.coco_format import read_json
 from efsolo.data.datasets import load_manifest
 from efsolo.data.images import ImageReadError, read_image
+from efsolo.utils import atomic
 
 
 def grabcut_crop(img: np.ndarray, rect_margin: float = 0.05, iterations: int = 5, crop_margin: float = 0.1,

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from efsolo.utils import atomic
-from efsolo.modeling.backbone import ResNetTrunk, load_backbone
 from efsolo.data.coco_format import read_json
-from efsolo.freemask.free_mask import free_mask
 from efsolo.data.images import read_image, resize_short_side
+from efsolo.freemask.free_mask import free_mask
+from efsolo.modeling.backbone import ResNetTrunk, load_backbone
 from efsolo.modeling.inference import normalise
+from efsolo.utils import atomic
 
 POOL_FORMAT = "efsolo-exemplar-pool-v1"
 LOGIT_FORMS = ("cosine", "projection")

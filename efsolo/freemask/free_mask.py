@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from efsolo.utils import atomic
-from efsolo.modeling.backbone import ResNetTrunk, load_backbone
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY, mask_annotation
 from efsolo.data.datasets import load_manifest
 from efsolo.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, read_image, resize_short_side
+from efsolo.modeling.backbone import ResNetTrunk, load_backbone
 from efsolo.modeling.matrix_nms import fast_nms, matrix_nms
+from efsolo.utils import atomic
 
 
 @dataclass(frozen=True)

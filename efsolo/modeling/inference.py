@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from efsolo.utils import atomic
-from efsolo.data.coco_format import AGNOSTIC_CATEGORY, encode_mask, mask_box
 from efsolo.config import TestSettings
+from efsolo.data.coco_format import AGNOSTIC_CATEGORY, encode_mask, mask_box
 from efsolo.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, read_image, resize_short_side
 from efsolo.modeling.matrix_nms import matrix_nms
 from efsolo.modeling.solo_model import LEVEL_STRIDES, SOLO, SOLOOutput, dynamic_masks
+from efsolo.utils import atomic
 
 
 def normalise(rgb01: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from efsolo.modeling.backbone import ResNetTrunk
 from efsolo.config import ModelSettings
+from efsolo.modeling.backbone import ResNetTrunk
 
 LEVEL_STRIDES = (8, 8, 16, 32, 32)
 

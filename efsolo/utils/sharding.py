@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from efsolo.utils import atomic
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY, read_json
+from efsolo.utils import atomic
 
 
 def shard_slices(n: int, shard_size: int) -> list[slice]:
