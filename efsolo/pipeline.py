@@ -12,10 +12,14 @@ import sys
 import time
 from functools import wraps
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from efsolo.config import MODELS, Params, PathSettings, load_params, to_dict
 from efsolo.utils.errors import EfsoloError
+
+if TYPE_CHECKING:
+    import torch
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -78,7 +82,7 @@ class Layout:
         return Path(self.paths.reports) / "overlays"
 
 
-def _device(p: Params):
+def _device(p: Params) -> torch.device:
     """The torch device ``runtime.device`` names (``auto``: CUDA when present)."""
     from efsolo.modeling.backbone import resolve_device
 
@@ -117,7 +121,8 @@ def backbone(p: Params) -> dict:
                         iters=t.iters, batch_size=t.batch_size, crop_size=t.crop_size, lr=t.lr,
                         weight_decay=t.weight_decay, momentum=t.momentum, queue_size=t.queue_size,
                         temperature=t.temperature, dense_weight=t.dense_weight, proj_dim=t.proj_dim,
-                        color_jitter=t.color_jitter, grayscale_prob=t.grayscale_prob, log_every=p.runtime.pretrain.log_every, checkpoint_every=p.runtime.pretrain.checkpoint_every,
+                        color_jitter=t.color_jitter, grayscale_prob=t.grayscale_prob,
+                        log_every=p.runtime.pretrain.log_every, checkpoint_every=p.runtime.pretrain.checkpoint_every,
                         device=_device(p))
 
 
