@@ -58,7 +58,7 @@ def test_colour_augmentation_is_a_setting_and_off_keeps_colours():
     target = torch.tensor([200, 60, 30]) / 255
     plain = _colours(pretrain.make_augment(32, color_jitter=0.0, grayscale_prob=0.0), image, 20)
     assert torch.allclose(plain, target.expand_as(plain), atol=1e-3)
-    densecl = _colours(pretrain.make_augment(32), image, 20)
+    densecl = _colours(pretrain.make_augment(32, color_jitter=0.4, grayscale_prob=0.2), image, 20)
     moved = (densecl - target).abs().max(dim=1).values > 0.02
     assert 8 <= int(moved.sum()) <= 20  # 1 - 0.2 * 0.8 = 84% of the views change colour
     grey = _colours(pretrain.make_augment(32, color_jitter=0.0, grayscale_prob=1.0), image, 5)
@@ -69,7 +69,8 @@ def _tiny_run(tmp, ckpt, **kw):
     return pretrain.run(tmp / "data" / "train.json", tmp / f"{ckpt}.pt", tmp / ckpt, tmp / f"live_{ckpt}",
                         arch="resnet18", seed=0, iters=4, batch_size=2, crop_size=32, lr=0.05,
                         weight_decay=1e-4, momentum=0.9, queue_size=4, temperature=0.2, dense_weight=0.5,
-                        proj_dim=8, log_every=1, checkpoint_every=2, device=torch.device("cpu"), **kw)
+                        proj_dim=8, color_jitter=0.4, grayscale_prob=0.2, log_every=1, checkpoint_every=2,
+                        device=torch.device("cpu"), **kw)
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch):
@@ -98,7 +99,8 @@ def test_zero_iterations_writes_seeded_random_init(tmp_path):
     for name in ("a", "b"):
         pretrain.run(tmp_path / "data" / "train.json", tmp_path / f"{name}.pt", tmp_path / name, tmp_path / "live",
                      arch="resnet18", seed=0, iters=0, batch_size=2, crop_size=32, lr=0.05, weight_decay=0,
-                     momentum=0.9, queue_size=4, temperature=0.2, dense_weight=0.5, proj_dim=8, log_every=1,
+                     momentum=0.9, queue_size=4, temperature=0.2, dense_weight=0.5, proj_dim=8, color_jitter=0.4,
+                     grayscale_prob=0.2, log_every=1,
                      checkpoint_every=1, device=torch.device("cpu"))
     a = torch.load(tmp_path / "a.pt", weights_only=True)
     b = torch.load(tmp_path / "b.pt", weights_only=True)

@@ -111,8 +111,7 @@ class PretrainParams:
         _positive("backbone.pretrain.temperature", self.temperature)
         _in_unit("backbone.pretrain.dense_weight", self.dense_weight)
         _positive("backbone.pretrain.proj_dim", self.proj_dim)
-        _check(0.0 <= self.color_jitter <= 1.0, "backbone.pretrain.color_jitter", "must be in [0, 1]",
-               self.color_jitter)
+        _in_unit("backbone.pretrain.color_jitter", self.color_jitter)
         _in_unit("backbone.pretrain.grayscale_prob", self.grayscale_prob)
 
 

@@ -69,7 +69,7 @@ def densecl_loss(g_q: torch.Tensor, g_k: torch.Tensor, d_q: torch.Tensor, d_k: t
     return (1 - dense_weight) * loss_g + dense_weight * loss_d, loss_g, loss_d
 
 
-def make_augment(crop_size: int, color_jitter: float = 0.4, grayscale_prob: float = 0.2) -> T.Compose:
+def make_augment(crop_size: int, color_jitter: float, grayscale_prob: float) -> T.Compose:
     """Two-view augmentation of a uint8 (3, H, W) tensor to a normalised float crop.
 
     ``color_jitter`` is the brightness, contrast and saturation jitter (hue: a quarter of it),
@@ -122,8 +122,8 @@ def _lr_at(step: int, iters: int, base_lr: float) -> float:
 def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_dir: str | Path, arch: str,
         seed: int, iters: int, batch_size: int, crop_size: int, lr: float, weight_decay: float,
         momentum: float, queue_size: int, temperature: float, dense_weight: float, proj_dim: int,
-        log_every: int, checkpoint_every: int, device: torch.device, color_jitter: float = 0.4,
-        grayscale_prob: float = 0.2) -> dict:
+        color_jitter: float, grayscale_prob: float, log_every: int, checkpoint_every: int,
+        device: torch.device) -> dict:
     """Pretrain and write ``out_path``. ``iters == 0`` writes the seeded random initialisation.
     ``color_jitter`` and ``grayscale_prob``: see :func:`make_augment`."""
     resume.seed_everything(seed)
