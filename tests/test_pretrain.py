@@ -65,12 +65,12 @@ def test_colour_augmentation_is_a_setting_and_off_keeps_colours():
     assert torch.allclose(grey, grey[:, :1].expand_as(grey), atol=1e-3)  # R = G = B
 
 
-def _tiny_run(tmp, ckpt, **kw):
+def _tiny_run(tmp, ckpt, iters=4):
     return pretrain.run(tmp / "data" / "train.json", tmp / f"{ckpt}.pt", tmp / ckpt, tmp / f"live_{ckpt}",
-                        arch="resnet18", seed=0, iters=4, batch_size=2, crop_size=32, lr=0.05,
+                        arch="resnet18", seed=0, iters=iters, batch_size=2, crop_size=32, lr=0.05,
                         weight_decay=1e-4, momentum=0.9, queue_size=4, temperature=0.2, dense_weight=0.5,
                         proj_dim=8, color_jitter=0.4, grayscale_prob=0.2, log_every=1, checkpoint_every=2,
-                        device=torch.device("cpu"), **kw)
+                        device=torch.device("cpu"))
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch):
@@ -97,11 +97,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch)
 def test_zero_iterations_writes_seeded_random_init(tmp_path):
     datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=2, num_val=1, image_size=48)
     for name in ("a", "b"):
-        pretrain.run(tmp_path / "data" / "train.json", tmp_path / f"{name}.pt", tmp_path / name, tmp_path / "live",
-                     arch="resnet18", seed=0, iters=0, batch_size=2, crop_size=32, lr=0.05, weight_decay=0,
-                     momentum=0.9, queue_size=4, temperature=0.2, dense_weight=0.5, proj_dim=8, color_jitter=0.4,
-                     grayscale_prob=0.2, log_every=1,
-                     checkpoint_every=1, device=torch.device("cpu"))
+        _tiny_run(tmp_path, name, iters=0)
     a = torch.load(tmp_path / "a.pt", weights_only=True)
     b = torch.load(tmp_path / "b.pt", weights_only=True)
     assert a["source"].startswith("random-init")
