@@ -12,6 +12,10 @@ ground-truth masks does not show the failure; the self-supervised one with Free 
 masks does. The trunk must be the demo's: pretrained on 32 images instead, 300 iterations are
 300 epochs, and on that over-fitted trunk the fit collapses at the demo's lr where the demo's
 own trunk fits at 1x, 2x and fails at 10x (the lr of 0.01 at twice it).
+
+A fixed batch does not show every failure: on the photo look's whole training set the pairwise
+term, at full weight too early, made every mask a constant, so a second check trains on the
+whole set and requires the masks to keep their shape.
 """
 import json
 from pathlib import Path
@@ -33,13 +37,15 @@ ITERS = 60
 IMAGES = 4
 
 
-@pytest.fixture(scope="module")
-def demo_like(tmp_path_factory):
-    """(params, working folder) after the data, backbone and freemask stages on a smaller demo."""
-    root = tmp_path_factory.mktemp("health")
+def _build(tmp_path_factory, look: str, seed: int | None = None):
+    """(params, working folder) after the data, backbone and freemask stages of the demo, with
+    ``look``'s synthetic images (4 val images), at ``seed`` (None: the demo's)."""
+    root = tmp_path_factory.mktemp(f"health_{look}")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["runtime"]["device"] = "cpu"
-    raw["data"]["synthetic"].update(num_val=4)
+    raw["data"]["synthetic"].update(num_val=4, look=look)
+    if seed is not None:
+        raw["seed"] = seed
     p = params_from_dict(raw)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
@@ -49,6 +55,25 @@ def demo_like(tmp_path_factory):
     return p, root
 
 
+@pytest.fixture(scope="module")
+def demo_like(tmp_path_factory):
+    """The default look's demo up to Free Mask."""
+    return _build(tmp_path_factory, "gradient")
+
+
+@pytest.fixture(scope="module")
+def photo_like(tmp_path_factory):
+    """The photo look's demo up to Free Mask, at development seed 3: the seed whose training
+    collapsed (seed 0's did not within these iterations; no reported seed is used)."""
+    return _build(tmp_path_factory, "photo", seed=3)
+
+
+def _first_labelled(data: PseudoLabelSet, count: int) -> list[int]:
+    chosen = [i for i in range(len(data)) if data.load(i)[1].shape[0]][:count]
+    assert len(chosen) == count, "Free Mask found objects on too few images"
+    return chosen
+
+
 @pytest.mark.parametrize("lr_factor", [1, 2])
 def test_demo_training_settings_fit_one_fixed_batch(demo_like, monkeypatch, lr_factor):
     p, root = demo_like
@@ -56,8 +81,7 @@ def test_demo_training_settings_fit_one_fixed_batch(demo_like, monkeypatch, lr_f
     pseudo = pipeline.Layout(p.paths).freemask
     labels, emb = pseudo / "train.json", pseudo / "train_embeddings.npz"
     data = PseudoLabelSet(labels, emb)
-    chosen = [i for i in range(len(data)) if data.load(i)[1].shape[0]][:IMAGES]
-    assert len(chosen) == IMAGES, "Free Mask found objects on too few images"
+    chosen = _first_labelled(data, IMAGES)
     # the batch is the whole training set: every iteration trains on the same images (views vary)
     subset = root / "subset.json"
     full = json.loads(labels.read_text())
@@ -83,3 +107,34 @@ def test_demo_training_settings_fit_one_fixed_batch(demo_like, monkeypatch, lr_f
     assert after["pairwise"] < 0.9 * before["pairwise"], report
     assert after["iou"] > before["iou"] + 0.15, report
     assert after["spread"] > 0.15, report  # not near-constant masks
+
+
+def test_demo_training_settings_do_not_collapse_on_the_photo_look(photo_like, monkeypatch):
+    """The first iterations of the demo's training on the photo look's whole training set (not one
+    batch): the masks must keep their shape. With the pairwise term at full weight after 40
+    iterations (it was the demo's warm-up), photographs' many colour-similar neighbours made every
+    mask a constant within 30 iterations (spread 0.16 -> 0.00, max projection 0.91 -> 0.93, IoU
+    0.09 -> 0.09), and the self-trained model scored 0 val AP at 200 and 400 iterations; with the
+    warm-up of 500: spread 0.37, max projection 0.59, IoU 0.20."""
+    p, root = photo_like
+    monkeypatch.chdir(root)
+    pseudo = pipeline.Layout(p.paths).freemask
+    labels, emb = pseudo / "train.json", pseudo / "train_embeddings.npz"
+    data = PseudoLabelSet(labels, emb)
+    chosen = _first_labelled(data, IMAGES)
+    kw = pipeline.solo_training_kwargs(p, emb)
+    kw.update(iters=ITERS, log_every=ITERS, checkpoint_every=ITERS)
+    batch = make_batch([data.load(i) for i in chosen], max(kw["train_short_sides"]), kw["max_side"], [False] * IMAGES)
+    resume.seed_everything(kw["seed"])
+    before = mask_fit(build_model(kw["arch"], kw["backbone"]), batch, kw["losses"], 10**9)
+    out = root / "fit_full"
+    train(labels=labels, embeddings=emb, out_path=out / "model.pt", ckpt_dir=out / "ckpt", live_dir=out / "live",
+          device=torch.device("cpu"), **kw)
+    after = mask_fit(load_model(out / "model.pt"), batch, kw["losses"], 10**9)
+
+    report = {k: (round(before[k], 3), round(after[k], 3)) for k in ("max_proj", "avg_proj", "pairwise", "iou", "spread")}
+    print("photo look, whole training set (before, after):", report)
+    assert before["positives"] > 0, report
+    assert after["spread"] > 0.15, report  # not near-constant masks
+    assert after["max_proj"] < 0.8 * before["max_proj"], report
+    assert after["iou"] > before["iou"] + 0.05, report
