@@ -68,20 +68,22 @@ def photo_like(tmp_path_factory):
     return _build(tmp_path_factory, "photo", seed=3)
 
 
-def _first_labelled(data: PseudoLabelSet, count: int) -> list[int]:
+def _pseudo_labels(p, count: int) -> tuple[Path, Path, PseudoLabelSet, list[int]]:
+    """Free Mask's training labels and embeddings (paths, relative to the working folder), the
+    label set, and its first ``count`` images with at least one label."""
+    pseudo = pipeline.Layout(p.paths).freemask
+    labels, emb = pseudo / "train.json", pseudo / "train_embeddings.npz"
+    data = PseudoLabelSet(labels, emb)
     chosen = [i for i in range(len(data)) if data.load(i)[1].shape[0]][:count]
     assert len(chosen) == count, "Free Mask found objects on too few images"
-    return chosen
+    return labels, emb, data, chosen
 
 
 @pytest.mark.parametrize("lr_factor", [1, 2])
 def test_demo_training_settings_fit_one_fixed_batch(demo_like, monkeypatch, lr_factor):
     p, root = demo_like
     monkeypatch.chdir(root)
-    pseudo = pipeline.Layout(p.paths).freemask
-    labels, emb = pseudo / "train.json", pseudo / "train_embeddings.npz"
-    data = PseudoLabelSet(labels, emb)
-    chosen = _first_labelled(data, IMAGES)
+    labels, emb, data, chosen = _pseudo_labels(p, IMAGES)
     # the batch is the whole training set: every iteration trains on the same images (views vary)
     subset = root / "subset.json"
     full = json.loads(labels.read_text())
@@ -118,10 +120,7 @@ def test_demo_training_settings_do_not_collapse_on_the_photo_look(photo_like, mo
     warm-up of 500: spread 0.37, max projection 0.59, IoU 0.20."""
     p, root = photo_like
     monkeypatch.chdir(root)
-    pseudo = pipeline.Layout(p.paths).freemask
-    labels, emb = pseudo / "train.json", pseudo / "train_embeddings.npz"
-    data = PseudoLabelSet(labels, emb)
-    chosen = _first_labelled(data, IMAGES)
+    labels, emb, data, chosen = _pseudo_labels(p, IMAGES)
     kw = pipeline.solo_training_kwargs(p, emb)
     kw.update(iters=ITERS, log_every=ITERS, checkpoint_every=ITERS)
     batch = make_batch([data.load(i) for i in chosen], max(kw["train_short_sides"]), kw["max_side"], [False] * IMAGES)
