@@ -198,54 +198,88 @@ def refine(p: Params) -> dict:
                       device=_device(p), fallback=p.exemplar.refine_fallback)
 
 
+def _free_mask_options(p: Params) -> tuple[dict, dict]:
+    """Free Mask's operations and its filters as the EEC module applies them to its guide masks."""
+    m = p.freemask
+    options = dict(query_scales=m.query_scales, mask_threshold=m.mask_threshold, min_pixels=m.min_pixels,
+                   nms=m.nms, nms_sigma=m.nms_sigma, fast_nms_iou=m.fast_nms_iou, pre_nms_top=m.pre_nms_top)
+    guide = dict(score_threshold=m.score_threshold, max_box_width=m.max_box_width, top_exclude=m.top_exclude)
+    return options, guide
+
+
 def pool(p: Params) -> dict:
     from efsolo.exemplars.eec import run_pool
 
     files = Layout(p.paths)
-    e = p.eec
-    return run_pool(files.exemplars / "pool.json", files.model("backbone"), files.pool, feature_level=e.feature_level, upsample=e.upsample,
-                    short_side=e.exemplar_short_side, max_side=e.exemplar_max_side, device=_device(p),
-                    view=e.exemplar_view)
+    options, guide = _free_mask_options(p)
+    i = p.freesolo.input
+    return run_pool(files.exemplars / "pool.json", files.model("backbone"), files.model("freesolo_start"),
+                    files.train_manifest, files.pool, files.metrics / "pool.json", files.metrics / "pool" / "cosines.csv",
+                    eec=p.eec, free_mask_options=options, guide_filters=guide,
+                    input_short_side=max(i.train_short_sides), input_max_side=i.max_side, seed=p.seed,
+                    device=_device(p))
 
 
 def exemplar_freesolo(p: Params) -> dict:
-    """FreeSOLO training plus lambda_eec * L_eec, then predictions on val."""
+    """FreeSOLO training plus lambda_eec * L_eec, then predictions on val. Stops with one line when
+    the pool is smaller than ``exemplar.min_pool``, or when the EEC engages (an image with a
+    positive and a negative) on fewer than ``eec.min_frac_used`` of the images: before training,
+    on the pool stage's measured cosines, and after it, on the training's own mean."""
     from efsolo.engine import self_training as fs
-    from efsolo.modeling.backbone import feature_channels
-    from efsolo.exemplars.eec import EECModule, load_objects, load_pool, make_eec_loss
+    from efsolo.exemplars.eec import (EECModule, ExemplarFeatures, engaged_fraction, engagement_error, load_objects,
+                                      load_pool, make_eec_loss, selection_thresholds)
     from efsolo.engine.resume import file_digest
+    from efsolo.modeling.backbone import feature_channels
 
     files = Layout(p.paths)
-    f, e, m = p.freesolo, p.eec, p.freemask
+    f, e = p.freesolo, p.eec
     pool_blob = load_pool(files.pool)
     size = len(pool_blob["exemplars"])
     if size < p.exemplar.min_pool:
         raise EfsoloError(f"{files.pool}: the exemplar pool holds {size} exemplars, fewer than exemplar.min_pool "
                           f"({p.exemplar.min_pool}); see exemplars/pool.json for why crops were dropped, and raise "
                           f"exemplar.num_images or set exemplar.refine_fallback: grabcut")
-    options = dict(query_scales=m.query_scales, mask_threshold=m.mask_threshold, min_pixels=m.min_pixels,
-                   nms=m.nms, nms_sigma=m.nms_sigma, fast_nms_iou=m.fast_nms_iou, pre_nms_top=m.pre_nms_top)
-    guide = dict(score_threshold=m.score_threshold, max_box_width=m.max_box_width, top_exclude=m.top_exclude)
-    extra_loss = make_eec_loss(pool_blob, e.alpha, e.beta, e.tau, e.weight, e.granularity, e.max_instances, p.seed,
-                               options, e.pool_refresh,
-                               load_objects(files.exemplars / "pool.json") if e.pool_refresh else None,
-                               logits=e.logits, centre=e.centre, proj_tau=e.proj_tau, guide_filters=guide)
+    cosines = pool_blob["calibration"]["cosines"].numpy()
+    thresholds = selection_thresholds(e.thresholds, e.alpha, e.beta, cosines)
+    source = f"{len(cosines)} training images, {files.metrics / 'pool.json'}"
+    problem = engagement_error(f"{files.pool}", engaged_fraction(cosines, *thresholds), e.min_frac_used, e.thresholds,
+                               e.alpha, e.beta, thresholds, cosines, source)
+    if problem:
+        raise EfsoloError(problem + " (measured before training)")
+    options, guide = _free_mask_options(p)
+    objects = load_objects(files.exemplars / "pool.json")
+    # the trunk's fixed stages are computed once for the exemplars (at most those below the EEC's level)
+    fixed = min(f.model.freeze_at, int(e.feature_level[1]) - 1)
+    features = ExemplarFeatures(objects, pool_blob["view"], pool_blob["short_side"], pool_blob["max_side"], fixed) \
+        if e.pool_refresh else None
+    extra_loss = make_eec_loss(pool_blob, e, thresholds, p.seed, options, guide, features)
     channels = feature_channels(p.backbone.arch)[e.feature_level]
     embeddings = files.freemask / "train_embeddings.npz"
     kwargs = solo_training_kwargs(p, embeddings)
-    return fs.run(labels=files.freemask / "train.json", embeddings=embeddings, val_manifest=files.val_manifest,
-                  train_manifest=files.train_manifest, model_path=files.model("exemplar_freesolo"),
-                  predictions_path=files.predictions("exemplar_freesolo"),
-                  stats_path=files.metrics / "train" / "exemplar_freesolo.json", work_dir=files.checkpoints("exemplar_freesolo"),
-                  live_dir=files.live("exemplar_freesolo"), rounds=1, relabel_score=f.relabel_score, relabel_max=f.relabel_max,
-                  test=f.test,
-                  device=_device(p), val_gt=files.val_gt,
-                  extra_modules={"eec": EECModule(channels, e.upsample, e.proj_dim if e.logits == "projection" else 0,
-                                                  seed=p.seed)},
-                  extra_loss=extra_loss, init_state=files.model("freesolo_start"),
-                  fingerprint_extra={"eec": to_dict(e), "pool": file_digest(files.pool), "freemask_ops": options,
-                                     "guide": guide, "min_pool": p.exemplar.min_pool,
-                                     "init_state": file_digest(files.model("freesolo_start"))}, **kwargs)
+    module = EECModule(channels, e.upsample, e.proj_dim if e.logits == "projection" else 0, seed=p.seed,
+                       exemplar_queries=pool_blob["pooled_queries"])
+    # the guard's threshold is left out: lowering it after a refusal reuses the finished training
+    eec_settings = {k: v for k, v in to_dict(e).items() if k != "min_frac_used"}
+    stats = fs.run(labels=files.freemask / "train.json", embeddings=embeddings, val_manifest=files.val_manifest,
+                   train_manifest=files.train_manifest, model_path=files.model("exemplar_freesolo"),
+                   predictions_path=files.predictions("exemplar_freesolo"),
+                   stats_path=files.metrics / "train" / "exemplar_freesolo.json",
+                   work_dir=files.checkpoints("exemplar_freesolo"), live_dir=files.live("exemplar_freesolo"), rounds=1,
+                   relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=f.test, device=_device(p),
+                   val_gt=files.val_gt, extra_modules={"eec": module}, extra_loss=extra_loss,
+                   init_state=files.model("freesolo_start"),
+                   fingerprint_extra={"eec": eec_settings, "pool": file_digest(files.pool), "freemask_ops": options,
+                                      "guide": guide, "min_pool": p.exemplar.min_pool,
+                                      "init_state": file_digest(files.model("freesolo_start"))},
+                   extra_stats={"thresholds": {"positive_cosine": round(thresholds[0], 4),
+                                               "negative_cosine": round(thresholds[1], 4)}}, **kwargs)
+    used = stats["round1"].get("extra_mean", {}).get("frac_used")
+    if used is not None:
+        problem = engagement_error(str(files.metrics / "train" / "exemplar_freesolo.json"), used, e.min_frac_used,
+                                   e.thresholds, e.alpha, e.beta, thresholds, cosines, source)
+        if problem:
+            raise EfsoloError(problem + " (mean over the training's EEC iterations)")
+    return stats
 
 
 def evaluate(p: Params, model: str, predictions: str | Path | None = None) -> dict:

@@ -123,7 +123,7 @@ def test_dvc_yaml_and_the_code_take_their_paths_from_the_same_keys(tmp_path):
                      files.checkpoints("freesolo"), files.live("freesolo"), m / "train" / "freesolo.json"},
         "exemplars": {files.exemplars / "crops", files.exemplars / "crops.json", files.exemplars / "crops_sheet.png"},
         "refine": {files.exemplars / "objects", files.exemplars / "pool.json", files.exemplars / "pool_sheet.png"},
-        "pool": {files.pool},
+        "pool": {files.pool, m / "pool.json", m / "pool" / "cosines.csv"},
         "exemplar_freesolo": {files.model("exemplar_freesolo"), files.predictions("exemplar_freesolo").parent,
                               files.checkpoints("exemplar_freesolo"), files.live("exemplar_freesolo"),
                               m / "train" / "exemplar_freesolo.json"},

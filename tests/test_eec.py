@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from efsolo.modeling.backbone import ResNetTrunk
-from efsolo.exemplars.eec import (EECModule, ExemplarObject, NEUTRAL_RGB, eec_loss, exemplar_view, guide_filter, literal_cap,
-                        pooled_queries)
+from efsolo.exemplars.eec import (POOL_FORMAT, EECModule, ExemplarFeatures, ExemplarObject, NEUTRAL_RGB, eec_loss,
+                                  engaged_fraction, exemplar_view, guide_filter, image_cosines, literal_cap,
+                                  pooled_queries, selection_thresholds)
 
 
 def _unit(*rows):
@@ -165,3 +166,80 @@ def test_exemplar_views():
     assert img.shape == (8, 12, 3) and tuple(img[0, 0]) == (0, 0, 0) and m.sum() == 4 * 8
     img, _ = exemplar_view(ExemplarObject(crop, mask), "scene", 8, 100)  # placement unknown: neutral fill
     assert img.shape == (8, 12, 3) and tuple(img[0, 0]) == NEUTRAL_RGB
+
+
+def test_exemplar_features_follow_the_trunk_with_its_fixed_stages_computed_once():
+    """eec.pool_refresh: the exemplars' pooled queries under a trunk whose last stage trained equal
+    those computed from scratch, with the fixed stages' output computed once (two input sizes)."""
+    torch.manual_seed(0)
+    trunk = ResNetTrunk("resnet18").eval()
+    rng = np.random.default_rng(0)
+    objs = [ExemplarObject(rng.integers(0, 255, shape + (3,), dtype=np.uint8), rng.random(shape) > 0.3)
+            for shape in ((40, 50), (40, 50), (60, 40))]
+    cpu = torch.device("cpu")
+    features = ExemplarFeatures(objs, "crop", 64, 96, fixed_stages=4)
+    before = features.pooled(trunk, "c5", 2)
+    assert torch.allclose(before, pooled_queries(trunk, objs, "c5", 2, 64, 96, cpu, "crop"), atol=1e-5)
+    with torch.no_grad():
+        for p in trunk.layer4.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    after = features.pooled(trunk, "c5", 2)
+    assert torch.allclose(after, pooled_queries(trunk, objs, "c5", 2, 64, 96, cpu, "crop"), atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_selection_thresholds_absolute_and_quantile():
+    cos = np.array([[0.9, 0.1, -0.2], [0.5, 0.4, 0.3], [0.2, 0.0, -0.5], [0.7, 0.6, 0.1]])
+    assert selection_thresholds("absolute", 0.8, 0.3, cos) == (0.8, 0.3)
+    assert engaged_fraction(cos, 0.8, 0.3) == 0.25  # row 0 alone has a cosine above 0.8
+    a, b = selection_thresholds("quantile", 0.5, 0.25, cos)
+    assert a == pytest.approx(0.6)  # the median of the rows' best: 0.9, 0.5, 0.2, 0.7
+    assert b == pytest.approx(0.075)  # the 0.25 quantile of the 12 cosines (between 0.0 and 0.1)
+    # rows 0 and 3 have a positive (> 0.6); row 0 alone also has a negative (< 0.075)
+    assert engaged_fraction(cos, a, b) == 0.25
+    assert selection_thresholds("quantile", 0.5, 0.3, np.zeros((0, 3))) == (1.0, -1.0)
+    assert engaged_fraction(np.zeros((0, 3)), 0.5, 0.3) == 0.0
+
+
+def _far_pool_cosines(centre=True):
+    """Cosines of random images to a pool far from every one of them: eight exemplars bunched
+    around one channel that no image's features single out."""
+    torch.manual_seed(0)
+    trunk = ResNetTrunk("resnet18").eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(6)]
+    pooled = torch.zeros(8, 512)
+    pooled[:, 7] = 1.0
+    pooled += 0.01 * torch.rand(8, 512, generator=torch.Generator().manual_seed(1))
+    cos = image_cosines(trunk, EECModule(512, 2), images, pooled, "c5", 1, centre, 64, 64,
+                        {"query_scales": (0.5,)}, None)
+    return pooled, cos
+
+
+def test_a_pool_far_from_every_image_stops_exemplar_freesolo(tmp_path, monkeypatch, capsys):
+    """The paper's absolute thresholds on a pool far from every image engage the EEC on no image:
+    the stage stops before training with one line naming the fraction, the cosines and the params.
+    The quantile thresholds on the same cosines engage on about 1 - alpha of the images."""
+    import yaml
+
+    from efsolo.pipeline import entry_point, exemplar_freesolo
+    from efsolo.utils import atomic
+
+    pooled, cos = _far_pool_cosines()
+    assert cos.shape == (6, 8) and cos.max() < 0.8
+    monkeypatch.chdir(tmp_path)
+    atomic.torch_save({"format": POOL_FORMAT, "feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64,
+                       "view": "scene", "pooled_queries": pooled, "embeddings": F.normalize(pooled, dim=1),
+                       "exemplars": [{}] * 8, "calibration": {"cosines": torch.from_numpy(cos)}},
+                      tmp_path / "exemplars" / "pool.pt")
+    params = {"exemplar": {"min_pool": 1}, "eec": {"thresholds": "absolute", "alpha": 0.8, "beta": 0.3}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as stop:
+        entry_point(exemplar_freesolo)("params.yaml")
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "engaged on 0.00% of the images" in err and "eec.min_frac_used (10%)" in err
+    assert "eec.alpha 0.8" in err and "eec.thresholds: quantile" in err and "percentiles" in err
+    a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
+    assert 0.3 <= engaged_fraction(cos, a, b) <= 0.7

@@ -25,7 +25,8 @@ OVERRIDES = {
                  "solver": {"iters": 2, "batch_size": 2, "warmup_iters": 1},
                  "test": {"short_side": 64, "max_side": 64, "score_threshold": 0.0}},
     "exemplar": {"num_images": 4, "grabcut_iterations": 2, "refine_min_overlap": 0.0, "min_pool": 1},
-    "eec": {"alpha": 0.5, "beta": 0.4, "exemplar_short_side": 64, "exemplar_max_side": 64, "start_iter": 1},
+    "eec": {"alpha": 0.5, "beta": 0.4, "exemplar_short_side": 64, "exemplar_max_side": 64, "start_iter": 1,
+            "min_frac_used": 0.0},
     "runtime": {"device": "cpu", "pretrain": {"log_every": 1, "checkpoint_every": 2},
                 "freesolo": {"log_every": 1, "checkpoint_every": 1, "eval_every": 1}},
 }
@@ -84,6 +85,11 @@ def test_repro_produces_metrics_and_is_then_up_to_date(repo):
     train_stats = json.loads((repo / "metrics" / "train" / "exemplar_freesolo.json").read_text())
     assert {"eec/frac_pos", "eec/logit_gap", "eec/grad_ratio"} <= set(train_stats["round1"]["final"])
     assert "frac_used" in train_stats["round1"]["extra_mean"]
+    # the pool stage measured the cosines the loss selects on, and the thresholds came from them
+    pool = json.loads((repo / "metrics" / "pool.json").read_text())
+    assert pool["calibration_images"] == 12 and pool["rows"] <= 12 and "p50" in pool["best_cosine"]
+    assert train_stats["thresholds"]["positive_cosine"] == pool["thresholds"]["positive_cosine"]
+    assert (repo / "metrics" / "pool" / "cosines.csv").read_text().startswith("quantile,best_cosine,worst_cosine")
     # eec.start_iter 1: Exemplar-FreeSOLO continued FreeSOLO's state after 1 of its 2 iterations
     eec_curve = (repo / "dvclive" / "exemplar_freesolo" / "plots" / "metrics" / "train" / "eec" / "frac_used.tsv")
     assert [line.split()[0] for line in eec_curve.read_text().splitlines()] == ["step", "2"]
@@ -104,8 +110,8 @@ def test_a_param_change_reruns_only_downstream(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     try:
         status = json.loads(_sh(repo, "dvc", "status", "--json"))
-        # exemplar_freesolo reads it too: the EEC guide mask is filtered as Free Mask filters
-        assert set(status) == {"freemask", "exemplar_freesolo"}
+        # pool and exemplar_freesolo read it too: the EEC guide mask is filtered as Free Mask filters
+        assert set(status) == {"freemask", "pool", "exemplar_freesolo"}
         ran = _ran(_sh(repo, "dvc", "repro"))
         assert {"freemask", "evaluate@freemask"} <= ran and not ran & {"data", "backbone"}
     finally:
@@ -183,6 +189,7 @@ def test_plots_show_gives_one_html_report_with_every_plot(repo, tmp_path):
     html = (tmp_path / "plots" / "index.html").read_text()
     for needle in ("reports_overlays_", "exemplars_pool_sheet_png", "freesolo mask precision-recall",
                    "val segm AP (percent) against training iterations",
+                   "centred cosine of training images to the exemplar pool",
                    "dvclive/freesolo/plots/metrics/train/max_proj.tsv",
                    "dvclive/backbone/plots/metrics/pretrain/loss.tsv"):
         assert needle in html, needle

@@ -49,9 +49,14 @@ def _weights(path):
     return load_model(path).state_dict()
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_resume_after_interrupt_matches_uninterrupted_run(tiny, monkeypatch, ema_decay):
-    stats = train(**_kwargs(tiny, "straight", ema_decay=ema_decay))
+@pytest.mark.parametrize("ema_decay,eec_refresh", [(0.0, 0), (0.9, 0), (0.0, 3)])
+def test_resume_after_interrupt_matches_uninterrupted_run(tiny, monkeypatch, ema_decay, eec_refresh):
+    """With the EEC term refreshing its exemplars every 3 iterations, the checkpoint at 2 keeps the
+    exemplars' pooled queries and the running means of the EEC diagnostics: the resumed run ends
+    at the same weights and reports the means of the whole training."""
+    extra = (lambda: _eec_kwargs(refresh=eec_refresh)) if eec_refresh else dict
+    name = f"{ema_decay}_{eec_refresh}"
+    stats = train(**_kwargs(tiny, f"straight{name}", ema_decay=ema_decay), **extra())
     assert stats["iters"] == 4 and np.isfinite(stats["final"]["loss"])
     saved = resume.save_checkpoint
 
@@ -61,12 +66,13 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tiny, monkeypatch, ema
 
     monkeypatch.setattr(resume, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(**_kwargs(tiny, "resumed", ema_decay=ema_decay))
+        train(**_kwargs(tiny, f"resumed{name}", ema_decay=ema_decay), **extra())
     monkeypatch.setattr(resume, "save_checkpoint", saved)
-    train(**_kwargs(tiny, "resumed", ema_decay=ema_decay))
-    a, b = _weights(tiny / "straight.pt"), _weights(tiny / "resumed.pt")
+    resumed = train(**_kwargs(tiny, f"resumed{name}", ema_decay=ema_decay), **extra())
+    a, b = _weights(tiny / f"straight{name}.pt"), _weights(tiny / f"resumed{name}.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert (tiny / "live_straight" / "metrics.json").exists()
+    assert resumed.get("extra_mean") == stats.get("extra_mean")
+    assert (tiny / f"live_straight{name}" / "metrics.json").exists()
 
 
 def test_val_curve_is_logged_and_leaves_the_training_unchanged(tiny):
@@ -168,14 +174,27 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch):
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
-def _eec_kwargs(weight=1.0):
-    from efsolo.exemplars.eec import EECModule, make_eec_loss
+def _eec_kwargs(weight=1.0, refresh=0):
+    """The EEC term on six random exemplars; with ``refresh`` N, six exemplar objects cut from
+    random images whose pooled queries are recomputed with the training trunk every N iterations."""
+    from efsolo.config import EECParams
+    from efsolo.exemplars.eec import EECModule, ExemplarFeatures, ExemplarObject, make_eec_loss
 
-    pool = {"feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64,
-            "pooled_queries": torch.randn(6, 512, generator=torch.Generator().manual_seed(0))}
-    loss = make_eec_loss(pool, alpha=-0.5, beta=0.5, tau=0.1, weight=weight, granularity="image", max_instances=1,
-                         seed=0, free_mask_options={"query_scales": (0.5,)}, logits="projection", centre=True)
-    return {"extra_modules": {"eec": EECModule(512, 2, proj_dim=16, seed=0)}, "extra_loss": loss}
+    g = torch.Generator().manual_seed(0)
+    pooled = torch.randn(6, 512, generator=g)
+    features = None
+    if refresh:
+        rng = np.random.default_rng(0)
+        objects = [ExemplarObject(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8), rng.random((48, 40)) > 0.3)
+                   for _ in range(6)]
+        features = ExemplarFeatures(objects, "crop", 64, 64, fixed_stages=ARCH.freeze_at)
+    pool = {"feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64, "pooled_queries": pooled}
+    eec = EECParams(tau=0.1, weight=weight, logits="projection", centre=True, pool_refresh=refresh)
+    # positive above cosine -0.5, negatives below 0.5: every row is used
+    loss = make_eec_loss(pool, eec, (-0.5, 0.5), seed=0, free_mask_options={"query_scales": (0.5,)},
+                         features=features)
+    return {"extra_modules": {"eec": EECModule(512, 2, proj_dim=16, seed=0, exemplar_queries=pooled)},
+            "extra_loss": loss}
 
 
 @pytest.mark.parametrize("start", [0, 2])

@@ -338,8 +338,14 @@ class EECParams:
     (README, "Exemplars and the EEC loss")."""
 
     weight: float = 1.3
-    alpha: float = 0.8
+    # thresholds: absolute (the paper): alpha and beta are cosines (0.8, 0.3). quantile: they are
+    # quantiles of the cosines the pool stage measures on training images (exemplars.eec.selection_thresholds):
+    # about 1 - alpha of the images find a positive at the start, whatever the trunk and data
+    thresholds: Literal["quantile", "absolute"] = "quantile"
+    alpha: float = 0.5
     beta: float = 0.3
+    min_frac_used: float = 0.1  # exemplar_freesolo stops when the EEC engages on fewer of the images
+    calibration_images: int = 512  # training images the pool stage measures the cosines on (seeded)
     tau: float = 0.5  # paper: 0.02, which caps a used image's loss at 1.4e-11 (README): no gradient
     granularity: Literal["image", "instance"] = "image"
     max_instances: int = 5
@@ -360,8 +366,16 @@ class EECParams:
         _positive("eec.proj_dim", self.proj_dim)
         _positive("eec.proj_tau", self.proj_tau)
         _non_negative("eec.start_iter", self.start_iter)
-        _check(-1 <= self.beta < self.alpha <= 1, "eec.alpha",
-               f"must be greater than eec.beta ({self.beta}) and both in [-1, 1]", self.alpha)
+        if self.thresholds == "absolute":
+            _check(-1 <= self.beta < self.alpha <= 1, "eec.alpha",
+                   f"must be greater than eec.beta ({self.beta}) and both in [-1, 1] (cosines: eec.thresholds is "
+                   f"absolute)", self.alpha)
+        else:
+            for name in ("alpha", "beta"):
+                _check(0 < getattr(self, name) < 1, f"eec.{name}",
+                       "must be in (0, 1) (a quantile: eec.thresholds is quantile)", getattr(self, name))
+        _in_unit("eec.min_frac_used", self.min_frac_used)
+        _positive("eec.calibration_images", self.calibration_images)
         _positive("eec.tau", self.tau)
         _positive("eec.max_instances", self.max_instances)
         _positive("eec.upsample", self.upsample)

@@ -1,9 +1,10 @@
 """The paper's settings as a complete params file, for COCO, UVO or PASCAL VOC.
 
 The params dataclasses' defaults are the paper's (ResNet-50 DenseCL, 800 px short side / 1333
-long, Free Mask on C5, batch 8, lr 0.001, lambda_eec 1.3, gamma 0.1, mu 0.4, alpha 0.8,
-beta 0.3, ...; the EEC temperature is 0.5, not the paper's 0.02, at which the loss as written
-is capped at 1.4e-11: see the README); a profile is those defaults plus where the data and the
+long, Free Mask on C5, batch 8, lr 0.001, lambda_eec 1.3, gamma 0.1, mu 0.4, ...; the EEC
+temperature is 0.5, not the paper's 0.02, at which the loss as written is capped at 1.4e-11, and
+the EEC thresholds are quantiles of the measured cosines (alpha 0.5, beta 0.3), not the paper's
+absolute cosines 0.8 and 0.3, which a trunk need not reach: docs/eec.md); a profile is those defaults plus where the data and the
 DenseCL checkpoint are. ``efsolo profile`` writes one over ``params.yaml``; ``dvc repro`` then runs
 the paper's pipeline.
 
@@ -27,7 +28,8 @@ DATASETS = ("coco", "uvo", "voc")
 HEADER = """\
 # efsolo parameters: the paper's settings (Exemplar-FreeSOLO, CVPR 2023), dataset {dataset}.
 # Written by `efsolo profile {dataset} ...`; every value not about paths is the paper's, except the
-# EEC loss's temperature, centring and exemplar view (README: "Exemplars and the EEC loss").
+# EEC loss's temperature, thresholds (quantiles of the measured cosines), centring and exemplar view
+# (docs/eec.md; `eec.thresholds: absolute` with alpha 0.8 gives the paper's literal thresholds).
 # Run: dvc repro   (on a GPU box; several GPUs: see the README's torchrun notes)
 """
 

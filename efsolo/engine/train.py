@@ -228,13 +228,16 @@ def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str
 
 
 def _save_state(path: str | Path, fp: str, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                ema: WeightAverage | None, g_cpu: torch.Generator, g_dev: torch.Generator) -> None:
-    """The whole training state after ``step`` iterations: this run's checkpoints, and the state
-    another run starts from (``load_training_state``)."""
+                ema: WeightAverage | None, g_cpu: torch.Generator, g_dev: torch.Generator,
+                extra_means: dict | None = None) -> None:
+    """The whole training state after ``step`` iterations: this run's checkpoints (with the running
+    sums of the extra term's diagnostics, ``extra_means``), and the state another run starts from
+    (``load_training_state``)."""
     resume.save_checkpoint(path, fp, step, {
         "format": TRAIN_STATE_FORMAT, "model": model.state_dict(), "opt": opt.state_dict(),
         "param_names": _param_names(model, opt), "g_cpu": g_cpu.get_state(), "g_dev": g_dev.get_state(),
-        **({"ema": ema.state_dict()} if ema is not None else {})})
+        **({"ema": ema.state_dict()} if ema is not None else {}),
+        **({"extra_means": extra_means} if extra_means is not None else {})})
 
 
 def _has_state(path: str | Path, fp: str, step: int) -> bool:
@@ -381,8 +384,14 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     live = resume.make_live(live_dir, resume_at=start if ck is not None else None) if rank == 0 else None
     shared = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("trunk.")]
+    # running sums of the extra term's diagnostics over this training's iterations (kept in the
+    # checkpoints, so a resumed run reports the means of the whole training)
     extra_sums: dict[str, torch.Tensor] = {}
     extra_steps, ratio_sum, ratio_n = 0, torch.zeros((), device=device), 0
+    if ck is not None and "extra_means" in ck:
+        sums = ck["extra_means"]
+        extra_sums = {k: v.to(device) for k, v in sums["sums"].items()}
+        extra_steps, ratio_sum, ratio_n = sums["steps"], sums["ratio_sum"].to(device), sums["ratio_n"]
     use_amp = device.type == "cuda"
     model.train()
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -460,7 +469,9 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
                 live.log_metric(f"{log_prefix}/val/train_seconds", round(time.time() - t0 - t_eval, 1))
             live.next_step()
         if at_ckpt and rank == 0:
-            _save_state(ckpt_path, fp, step + 1, model, opt, ema, g_cpu, g_dev)
+            _save_state(ckpt_path, fp, step + 1, model, opt, ema, g_cpu, g_dev,
+                        {"sums": extra_sums, "steps": extra_steps, "ratio_sum": ratio_sum, "ratio_n": ratio_n}
+                        if extra_loss is not None else None)
     seconds = time.time() - t0 - t_eval
     stats = {"iters": iters, "seconds": round(seconds, 1), "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
              "final": {k: round(float(v), 4) for k, v in logs.items()},

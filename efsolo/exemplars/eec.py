@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from efsolo.config import EECParams
 from efsolo.data.coco_format import read_json
 from efsolo.data.images import read_image, resize_short_side
 from efsolo.freemask.free_mask import free_mask
@@ -129,11 +130,16 @@ class EECModule(nn.Module):
     """The learnable part of EEC: the 1x1 convolution that makes K^ (initialised to the identity,
     so that K^ = Q^ at the start and the first masks are Free Mask's own), and, with ``proj_dim``
     > 0, a projection head (C -> C -> proj_dim MLP, seeded init) whose normalised outputs give the
-    loss's logits."""
+    loss's logits. It holds the exemplars' pooled queries (``exemplar_queries``)."""
 
-    def __init__(self, channels: int, upsample: int = 2, proj_dim: int = 0, seed: int = 0) -> None:
+    def __init__(self, channels: int, upsample: int = 2, proj_dim: int = 0, seed: int = 0,
+                 exemplar_queries: torch.Tensor | None = None) -> None:
         super().__init__()
         self.upsample = upsample
+        # the exemplars' pooled queries (K, C): a buffer, so a training's checkpoints keep the ones
+        # it last computed (eec.pool_refresh) and a resumed run selects as the uninterrupted one
+        self.register_buffer("exemplar_queries", torch.zeros((0, channels)) if exemplar_queries is None
+                             else exemplar_queries.detach().float().clone())
         self.conv = nn.Conv2d(channels, channels, 1)
         with torch.no_grad():
             self.conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
@@ -236,22 +242,62 @@ def exemplar_view(obj: ExemplarObject, view: str, short_side: int, max_side: int
     return img, mask
 
 
+class ExemplarFeatures:
+    """The exemplar objects as the trunk sees them, for the pooled queries under any state of a
+    trunk that trains: each exemplar's input (``exemplar_view``) is run once through the trunk's
+    first ``fixed_stages`` stages (those the training keeps fixed, ``freesolo.model.freeze_at``)
+    and kept, so ``pooled`` runs only the stages that train. Exemplars of one input size are
+    batched."""
+
+    def __init__(self, objects: list[ExemplarObject], view: str, short_side: int, max_side: int,
+                 fixed_stages: int = 0) -> None:
+        self.fixed_stages = fixed_stages
+        self._views = []
+        for obj in objects:
+            if not isinstance(obj, ExemplarObject):
+                obj = ExemplarObject(*obj)
+            self._views.append(exemplar_view(obj, view, short_side, max_side))
+        self._cache: dict | None = None  # device, then per size group: (rows, trunk prefix (n, C, h, w), masks)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def _groups(self, trunk: ResNetTrunk, device: torch.device) -> list:
+        if self._cache is None or self._cache["device"] != device:
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for i, (img, _) in enumerate(self._views):
+                by_size.setdefault(img.shape[:2], []).append(i)
+            groups = []
+            with torch.no_grad():
+                for rows in by_size.values():
+                    x = torch.stack([torch.from_numpy(self._views[i][0]) for i in rows]).to(device)
+                    x = normalise(x.permute(0, 3, 1, 2).float() / 255)
+                    m = torch.stack([torch.from_numpy(self._views[i][1].astype(np.float32)) for i in rows])
+                    groups.append((rows, trunk.prefix(x, self.fixed_stages), m.unsqueeze(1).to(device)))
+            self._cache = {"device": device, "groups": groups}
+        return self._cache["groups"]
+
+    @torch.no_grad()
+    def pooled(self, trunk: ResNetTrunk, feature_level: str, upsample: int) -> torch.Tensor:
+        """Each exemplar's mask-weighted average of Q^ = upsample(l2norm(features)) -> (K, C). The
+        trunk's first ``fixed_stages`` stages must be the ones this object was first called with."""
+        c = trunk.channels[feature_level]
+        if not self._views:
+            return torch.zeros((0, c))
+        module = EECModule(c, upsample)
+        device = next(trunk.parameters()).device
+        out = torch.zeros((len(self._views), c), device=device)
+        for rows, prefix, masks in self._groups(trunk, device):
+            q = module.queries(trunk.forward_from(prefix, self.fixed_stages)[feature_level])  # (n, C, H, W)
+            weight = F.interpolate(masks, size=q.shape[-2:], mode="area")  # (n, 1, H, W)
+            out[rows] = (q * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp_min(1e-6)
+        return out
+
+
 def pooled_queries(trunk: ResNetTrunk, objects: list[ExemplarObject], feature_level: str, upsample: int,
                    short_side: int, max_side: int, device: torch.device, view: str = "crop") -> torch.Tensor:
     """Mask-weighted averages of Q^ for exemplar objects, each seen as ``exemplar_view`` makes it -> (K, C)."""
-    module = EECModule(trunk.channels[feature_level], upsample).to(device)
-    out = []
-    for obj in objects:
-        if not isinstance(obj, ExemplarObject):
-            obj = ExemplarObject(*obj)
-        img, mask = exemplar_view(obj, view, short_side, max_side)
-        x = normalise(torch.from_numpy(img).to(device).permute(2, 0, 1).unsqueeze(0).float() / 255)
-        q = module.queries(trunk(x)[feature_level])[0]  # (C, H, W)
-        m = torch.from_numpy(mask.astype(np.float32)).to(device)[None, None]
-        weight = F.interpolate(m, size=q.shape[-2:], mode="area")[0, 0]
-        out.append((q * weight).sum(dim=(1, 2)) / weight.sum().clamp_min(1e-6))
-    c = trunk.channels[feature_level]
-    return torch.stack(out) if out else torch.zeros((0, c), device=device)
+    return ExemplarFeatures(objects, view, short_side, max_side).pooled(trunk.to(device), feature_level, upsample)
 
 
 def load_objects(pool_json: str | Path) -> list[ExemplarObject]:
@@ -263,25 +309,164 @@ def load_objects(pool_json: str | Path) -> list[ExemplarObject]:
     return out
 
 
-@torch.inference_mode()
-def run_pool(pool_json: str | Path, backbone: str | Path, out_path: str | Path, feature_level: str, upsample: int,
-             short_side: int, max_side: int, device: torch.device, view: str = "scene") -> dict:
-    """Embed every exemplar object with the backbone: ``pool.pt`` with the pooled queries (K, C),
-    the initial exemplar embeddings I_e (K, C) and the exemplars' metadata, aligned by row."""
+def selection_space(module: EECModule, raw: torch.Tensor, pooled: torch.Tensor,
+                    centre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The space positives and negatives are chosen in: raw mask-weighted averages of K^ (N, C) and
+    the exemplars' pooled queries (K, C) -> (images (N, C), exemplars (K, C)), through the same
+    1x1 conv, both centred on the pool's mean when ``centre`` is on (not normalised)."""
+    ex_raw = module.keys(pooled)
+    if centre and len(pooled):
+        c = module.keys(pooled.mean(0, keepdim=True))  # the pool's mean, through the same conv
+        raw, ex_raw = raw - c, ex_raw - c
+    return raw, ex_raw
+
+
+def selection_thresholds(mode: str, alpha: float, beta: float, cosines: np.ndarray) -> tuple[float, float]:
+    """The cosines that make a positive (> alpha) and a negative (< beta).
+
+    ``absolute``: ``alpha`` and ``beta`` are those cosines (the paper: 0.8 and 0.3). ``quantile``:
+    they are quantiles of the pool stage's measured cosines (``cosines`` (N, K): N training
+    images' rows against K exemplars): the positive cosine is the ``alpha`` quantile of the rows'
+    best cosine (so about 1 - alpha of the images find a positive at the start) and the negative
+    cosine the ``beta`` quantile of all the cosines (about a fraction beta of the exemplars are an
+    image's negatives). Higher alpha means fewer positives and higher beta more negatives in both
+    modes. With no measured rows, quantile gives (1, -1): nothing is selected."""
+    if mode == "absolute":
+        return float(alpha), float(beta)
+    if mode != "quantile":
+        raise ValueError(f"eec thresholds must be absolute or quantile, got {mode!r}")
+    if cosines.size == 0:
+        return 1.0, -1.0
+    return float(np.quantile(cosines.max(1), alpha)), float(np.quantile(cosines, beta))
+
+
+def engaged_fraction(cosines: np.ndarray, alpha: float, beta: float) -> float:
+    """The fraction of rows (N, K) with a positive (> alpha) and a negative (< beta): those the
+    EEC loss acts on. 0 for no rows."""
+    if cosines.size == 0:
+        return 0.0
+    return float(((cosines > alpha).any(1) & (cosines < beta).any(1)).mean())
+
+
+def percentiles(x: np.ndarray, qs: tuple[int, ...] = (10, 25, 50, 75, 90)) -> dict[str, float]:
+    return {f"p{q}": round(float(v), 4) for q, v in zip(qs, np.percentile(x, qs))} if x.size else {}
+
+
+def engagement_error(where: str, fraction: float, minimum: float, mode: str, alpha: float, beta: float,
+                     thresholds: tuple[float, float], cosines: np.ndarray, source: str) -> str | None:
+    """The one-line error for an EEC that engages on ``fraction`` < ``minimum`` of the images, or
+    None. It names the fraction, the thresholds, the measured cosines' percentiles and what to change."""
+    if fraction >= minimum:
+        return None
+    best, worst = (cosines.max(1), cosines.min(1)) if cosines.size else (np.zeros(0), np.zeros(0))
+
+    def pct(x: np.ndarray) -> str:
+        return " / ".join(f"{v:.2f}" for v in np.percentile(x, (10, 50, 90))) if x.size else "none"
+
+    how = (f"eec.alpha {alpha} and eec.beta {beta} (eec.thresholds: {mode}; cosines {thresholds[0]:.3f} and "
+           f"{thresholds[1]:.3f})")
+    return (f"{where}: the EEC engaged on {100 * fraction:.2f}% of the images, below eec.min_frac_used "
+            f"({100 * minimum:.0f}%), at {how}; the images' best centred cosine to the pool is {pct(best)} and their "
+            f"worst {pct(worst)} (10th / 50th / 90th percentiles, {source}): lower eec.alpha or raise eec.beta, "
+            f"use eec.thresholds: quantile, or lower eec.min_frac_used")
+
+
+def start_trunk(backbone: str | Path, start_state: str | Path | None) -> ResNetTrunk:
+    """The trunk Exemplar-FreeSOLO starts from: the backbone, with the trunk weights of a training
+    state (``models/freesolo_start.pt``) when one is given."""
+    from efsolo.engine.train import TRAIN_STATE_FORMAT
+    from efsolo.utils.errors import EfsoloError
+
+    trunk = load_backbone(backbone)
+    if start_state:
+        blob = torch.load(start_state, map_location="cpu", weights_only=False)
+        if not isinstance(blob, dict) or blob.get("format") != TRAIN_STATE_FORMAT:
+            raise EfsoloError(f"{start_state}: not an efsolo training state file")
+        trunk.load_state_dict({k[len("trunk."):]: v for k, v in blob["model"].items() if k.startswith("trunk.")})
+    return trunk
+
+
+@torch.no_grad()
+def image_cosines(trunk: ResNetTrunk, module: EECModule, images: list[np.ndarray], pooled: torch.Tensor,
+                  feature_level: str, instances: int, centre: bool, short_side: int, max_side: int,
+                  free_mask_options: dict, guide_filters: dict | None, batch_size: int = 16) -> np.ndarray:
+    """The centred cosines the EEC loss selects on, of training images (H, W, 3) uint8 seen as a
+    training weak view (short side ``short_side``) against the exemplars' pooled queries
+    (K, C) -> (rows, K): one row per guide mask (at most ``instances`` an image)."""
+    from efsolo.data.pseudo_labels import make_batch
+
+    device = next(trunk.parameters()).device
+    _, ex = selection_space(module, torch.zeros((0, pooled.shape[1]), device=device), pooled.to(device), centre)
+    ex = F.normalize(ex, dim=1)
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        unlabelled = [(im, np.zeros((0, *im.shape[:2]), bool), np.zeros((0, 1), np.float32)) for im in chunk]
+        batch = make_batch(unlabelled, short_side, max_side, [False] * len(chunk))
+        feats = trunk(normalise(batch.images.to(device)))[feature_level]
+        raw, _, _ = module.image_embeddings(feats, instances, filters=guide_filters, centred=True, **free_mask_options)
+        emb, _ = selection_space(module, raw, pooled.to(device), centre)
+        out.append((F.normalize(emb, dim=1) @ ex.T).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, len(pooled)), np.float32)
+
+
+@torch.no_grad()
+def run_pool(pool_json: str | Path, backbone: str | Path, start_state: str | Path | None, train_manifest: str | Path,
+             out_path: str | Path, metrics_path: str | Path, plot_path: str | Path, *, eec: EECParams,
+             free_mask_options: dict, guide_filters: dict, input_short_side: int, input_max_side: int, seed: int,
+             device: torch.device) -> dict:
+    """Embed every exemplar object with the trunk Exemplar-FreeSOLO starts from (``start_trunk``),
+    and measure, on ``eec.calibration_images`` training images (seeded; no labels read), the
+    centred cosines the EEC loss selects on. Writes ``pool.pt`` (pooled queries (K, C), initial
+    exemplar embeddings, the exemplars' metadata aligned by row, and the measured cosines (N, K)
+    from which ``eec.thresholds: quantile`` sets the thresholds), ``metrics_path`` (percentiles of
+    each image's best and worst cosine) and ``plot_path`` (their quantile functions, CSV)."""
+    from efsolo.data.datasets import load_manifest
+
     meta = read_json(pool_json)["exemplars"]
-    trunk = load_backbone(backbone).to(device).eval()
+    trunk = start_trunk(backbone, start_state).to(device).eval()
     objects = load_objects(pool_json)
-    pooled = pooled_queries(trunk, list(tqdm(objects, desc="exemplar pool", disable=None, leave=False)), feature_level,
-                            upsample, short_side, max_side, device, view).cpu()
-    initial = EECModule(pooled.shape[1], upsample).exemplar_embeddings(pooled) if len(meta) else pooled
-    atomic.torch_save({"format": POOL_FORMAT, "feature_level": feature_level, "upsample": upsample,
-                       "short_side": short_side, "max_side": max_side, "view": view, "pooled_queries": pooled,
-                       "embeddings": initial, "exemplars": meta}, out_path)
-    out = {"exemplars": len(meta), "channels": int(pooled.shape[1])}
+    c = trunk.channels[eec.feature_level]
+    pooled = pooled_queries(trunk, objects, eec.feature_level, eec.upsample, eec.exemplar_short_side,
+                            eec.exemplar_max_side, device, eec.exemplar_view).cpu()
+    module = EECModule(c, eec.upsample).to(device)
+    initial = module.exemplar_embeddings(pooled.to(device)).cpu() if len(meta) else pooled
+    records = load_manifest(train_manifest)
+    g = torch.Generator().manual_seed(seed)
+    chosen = sorted(torch.randperm(len(records), generator=g)[:eec.calibration_images].tolist())
+    images = [read_image(records[i]["file_name"]) for i in tqdm(chosen, desc="pool: calibration", disable=None,
+                                                                  leave=False)]
+    instances = 1 if eec.granularity == "image" else eec.max_instances
+    cosines = image_cosines(trunk, module, images, pooled, eec.feature_level, instances, eec.centre, input_short_side,
+                            input_max_side, free_mask_options, guide_filters) if len(meta) else \
+        np.zeros((0, 0), np.float32)
+    atomic.torch_save({"format": POOL_FORMAT, "feature_level": eec.feature_level, "upsample": eec.upsample,
+                       "short_side": eec.exemplar_short_side, "max_side": eec.exemplar_max_side,
+                       "view": eec.exemplar_view, "pooled_queries": pooled, "embeddings": initial, "exemplars": meta,
+                       "calibration": {"cosines": torch.from_numpy(cosines), "images": len(chosen),
+                                       "granularity": eec.granularity, "centre": eec.centre}}, out_path)
+    out: dict = {"exemplars": len(meta), "channels": int(c), "trunk": str(start_state or backbone),
+                 "calibration_images": len(chosen), "rows": int(cosines.shape[0])}
     for name, emb in (("raw", initial), ("centred", F.normalize(pooled - pooled.mean(0), dim=1) if len(meta) else pooled)):
         sims = (emb @ emb.T).numpy() if len(meta) else np.zeros((0, 0))
         off = sims[~np.eye(len(meta), dtype=bool)] if len(meta) > 1 else np.zeros(0)
-        out[f"mean_pairwise_cosine_{name}"] = float(off.mean()) if off.size else 0.0
+        out[f"mean_pairwise_cosine_{name}"] = round(float(off.mean()), 4) if off.size else 0.0
+    if cosines.size:
+        out["best_cosine"] = percentiles(cosines.max(1))
+        out["worst_cosine"] = percentiles(cosines.min(1))
+        out["all_cosines"] = percentiles(cosines.ravel())
+        # what the paper's absolute thresholds would select on this trunk and data
+        out["engaged_at_paper_thresholds"] = round(engaged_fraction(cosines, 0.8, 0.3), 4)
+        a, b = selection_thresholds(eec.thresholds, eec.alpha, eec.beta, cosines)
+        out["thresholds"] = {"mode": eec.thresholds, "alpha": eec.alpha, "beta": eec.beta,
+                             "positive_cosine": round(a, 4), "negative_cosine": round(b, 4),
+                             "engaged": round(engaged_fraction(cosines, a, b), 4)}
+    atomic.write_json(metrics_path, out, indent=1)
+    qs = np.linspace(0, 1, 51)
+    best = np.quantile(cosines.max(1), qs) if cosines.size else np.zeros_like(qs)
+    worst = np.quantile(cosines.min(1), qs) if cosines.size else np.zeros_like(qs)
+    atomic.write_text(plot_path, "quantile,best_cosine,worst_cosine\n" +
+                      "".join(f"{q:.2f},{b:.4f},{w:.4f}\n" for q, b, w in zip(qs, best, worst)))
     return out
 
 
@@ -294,55 +479,46 @@ def load_pool(path: str | Path) -> dict:
     return blob
 
 
-def make_eec_loss(pool: dict, alpha: float, beta: float, tau: float, weight: float, granularity: str,
-                  max_instances: int, seed: int, free_mask_options: dict, pool_refresh: int = 0,
-                  objects: list[ExemplarObject] | None = None, logits: str = "cosine", centre: bool = False,
-                  proj_tau: float = 0.2, guide_filters: dict | None = None):
-    """The extra training term lambda_eec * L_eec, as a hook for ``train.train``.
+def make_eec_loss(pool: dict, eec: EECParams, thresholds: tuple[float, float], seed: int, free_mask_options: dict,
+                  guide_filters: dict | None = None, features: ExemplarFeatures | None = None):
+    """The extra training term lambda_eec * L_eec (``eec.weight``), as a hook for ``train.train``.
 
-    Selection is on the cosines of I_mu and I_e, centred first on the pool's mean (in K^ space)
-    when ``centre`` is on; ``logits`` picks the loss's logits: ``cosine`` (the same cosines / tau,
-    the paper's literal form) or ``projection`` (the EEC module's projection head, / ``proj_tau``).
-    The positive is drawn with a generator seeded by (seed, step), so a resumed run draws the
-    same. With ``pool_refresh`` > 0 the exemplars' pooled queries are recomputed with the
-    current trunk every ``pool_refresh`` iterations (else the pool stage's backbone's are used).
+    Selection is on the cosines of I_mu and I_e (``selection_space``: centred on the pool's mean
+    when ``eec.centre`` is on): a positive above ``thresholds[0]``, negatives below
+    ``thresholds[1]`` (cosines; ``selection_thresholds``). ``eec.logits`` picks the loss's
+    logits: ``cosine`` (the same cosines / ``eec.tau``, the paper's literal form) or
+    ``projection`` (the EEC module's projection head, / ``eec.proj_tau``). The positive is drawn
+    with a generator seeded by (seed, step), so a resumed run draws the same. The exemplars'
+    pooled queries are the EEC module's buffer; with ``eec.pool_refresh`` N > 0 and ``features``,
+    they are recomputed with the current trunk every N iterations (detached), so exemplars and
+    images stay in the space of one trunk.
     """
-    if logits not in LOGIT_FORMS:
-        raise ValueError(f"eec logits must be one of {LOGIT_FORMS}, got {logits!r}")
-    level, upsample = pool["feature_level"], pool["upsample"]
-    view = pool.get("view", "crop")
-    state = {"pooled": pool["pooled_queries"]}
-    instances = 1 if granularity == "image" else max_instances
+    if eec.logits not in LOGIT_FORMS:
+        raise ValueError(f"eec logits must be one of {LOGIT_FORMS}, got {eec.logits!r}")
+    level = pool["feature_level"]
+    alpha, beta = thresholds
+    instances = 1 if eec.granularity == "image" else eec.max_instances
 
     def extra_loss(model, out, images, masks, step, rows=None, total=None):  # noqa: ANN001, ANN202
         dev = images.device
-        if pool_refresh and step % pool_refresh == 0 and objects:
-            with torch.no_grad():
-                was_training = model.training
-                model.eval()
-                state["pooled"] = pooled_queries(model.trunk, objects, level, upsample, pool["short_side"],
-                                                 pool["max_side"], dev, view).cpu()
-                model.train(was_training)
         module = model.extra["eec"]
-        pooled = state["pooled"].to(dev)
+        if eec.pool_refresh and features is not None and step % eec.pool_refresh == 0:
+            module.exemplar_queries.copy_(features.pooled(model.trunk, level, module.upsample))
         raw, owner, slot = module.image_embeddings(out.trunk[level], instances, filters=guide_filters, centred=True,
                                                    **free_mask_options)
-        ex_raw = module.keys(pooled)
-        if centre and len(pooled):
-            c = module.keys(pooled.mean(0, keepdim=True))  # the pool's mean, through the same conv
-            raw, ex_raw = raw - c, ex_raw - c
+        raw, ex_raw = selection_space(module, raw, module.exemplar_queries, eec.centre)
         emb, exemplars = F.normalize(raw, dim=1), F.normalize(ex_raw, dim=1)
         lg = None
-        if logits == "projection" and len(emb) and len(exemplars):
-            lg = module.project(raw) @ module.project(ex_raw).T / proj_tau
+        if eec.logits == "projection" and len(emb) and len(exemplars):
+            lg = module.project(raw) @ module.project(ex_raw).T / eec.proj_tau
         g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + step)
         if rows is None:  # this process holds the whole batch
             rows, total = torch.arange(images.shape[0]), images.shape[0]
         draw_rows = rows.to(dev)[owner] * instances + slot
-        loss, stats = eec_loss(emb, exemplars, alpha, beta, tau, g, draw_rows, total * instances, logits=lg)
+        loss, stats = eec_loss(emb, exemplars, alpha, beta, eec.tau, g, draw_rows, total * instances, logits=lg)
         # L_eec sums over images; DDP averages gradients over processes, so scale by their number
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        return {"total": weight * world * loss, "loss": loss.detach(), **stats,
+        return {"total": eec.weight * world * loss, "loss": loss.detach(), **stats,
                 "embeddings": torch.tensor(float(emb.shape[0]), device=dev)}
 
     return extra_loss

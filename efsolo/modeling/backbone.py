@@ -63,12 +63,30 @@ class ResNetTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x (B, 3, H, W) normalised -> {"c2": (B, C2, H/4, W/4), ..., "c5": (B, C5, H/s, W/s)}."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
+        return self.forward_from(x, 0)
+
+    def _stages(self) -> list[nn.Module]:
+        """The five stages in order: the stem (conv1, bn1, relu, max-pool), then res2 .. res5."""
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+        return [stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def prefix(self, x: torch.Tensor, stages: int) -> torch.Tensor:
+        """The output of the first ``stages`` stages (0: x itself; 1: the stem; 2: C2; ... 5: C5).
+        With the stages a training keeps fixed, it can be computed once and reused."""
+        for stage in self._stages()[:stages]:
+            x = stage(x)
+        return x
+
+    def forward_from(self, x: torch.Tensor, stages: int) -> dict[str, torch.Tensor]:
+        """The feature maps from ``x``, the output of the first ``stages`` stages (``prefix``):
+        ``forward_from(prefix(img, s), s)`` has the levels of ``forward(img)`` from C(s+1) on
+        (every level for s <= 1)."""
+        out = {}
+        for i, stage in enumerate(self._stages()[stages:], start=stages):
+            x = stage(x)
+            if i >= 1:
+                out[f"c{i + 1}"] = x
+        return out
 
 
 def trunk_state_keys(arch: str) -> dict[str, torch.Size]:
