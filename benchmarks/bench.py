@@ -29,10 +29,12 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["demo", "paper"], choices=sorted(benchmark.SIZES))
     ap.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     ap.add_argument("--loops", nargs="+", default=None, choices=sorted(benchmark.MEASURES))
+    ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                    help="the training loops' precisions (demo size; other sizes on the CPU: float32)")
     ap.add_argument("--out", default="metrics/bench.json")
     ap.add_argument("--readme", default=None, help="write the table between the README's bench markers")
     a = ap.parse_args()
-    result = benchmark.run(a.sizes, a.devices, a.loops)
+    result = benchmark.run(a.sizes, a.devices, a.loops, precisions=tuple(a.precisions))
     atomic.write_json(a.out, result, indent=1)
     text = benchmark.table(result)
     print(text)

@@ -89,6 +89,13 @@ def _device(p: Params) -> torch.device:
     return resolve_device(p.runtime.device)
 
 
+def _precision(p: Params) -> str:
+    """The networks' arithmetic ``precision`` resolves to on this machine's device (float32 or bfloat16)."""
+    from efsolo.modeling.backbone import resolve_precision
+
+    return resolve_precision(p.precision, _device(p))
+
+
 def data(p: Params) -> dict:
     from efsolo.data import datasets
 
@@ -123,7 +130,7 @@ def backbone(p: Params) -> dict:
                         temperature=t.temperature, dense_weight=t.dense_weight, proj_dim=t.proj_dim,
                         color_jitter=t.color_jitter, grayscale_prob=t.grayscale_prob,
                         log_every=p.runtime.pretrain.log_every, checkpoint_every=p.runtime.pretrain.checkpoint_every,
-                        device=_device(p))
+                        device=_device(p), precision=_precision(p))
 
 
 def freemask(p: Params) -> dict:
@@ -141,7 +148,7 @@ def freemask(p: Params) -> dict:
                          component_min_fraction=f.component_min_fraction, embed_dim=f.embed_dim,
                          embed_method=f.embed_method, batch_size=p.runtime.freemask.batch_size,
                          shard_size=p.runtime.freemask.shard_size, shard_dir=files.checkpoints("freemask"),
-                         val_dir=files.predictions("freemask").parent)
+                         val_dir=files.predictions("freemask").parent, precision=_precision(p))
 
 
 def _kwargs(settings: Any) -> dict:
@@ -162,7 +169,8 @@ def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
         embed_dim = int(z["embeddings"].shape[1])
     arch = SOLOArch(arch=p.backbone.arch, embed_dim=embed_dim, **_kwargs(f.model))
     return dict(backbone=files.model("backbone"), arch=arch, seed=p.seed, losses=f.loss, **_kwargs(f.solver), **_kwargs(f.input),
-                log_every=r.log_every, checkpoint_every=r.checkpoint_every, eval_every=r.eval_every)
+                log_every=r.log_every, checkpoint_every=r.checkpoint_every, eval_every=r.eval_every,
+                precision=_precision(p))
 
 
 def freesolo(p: Params) -> dict:

@@ -74,6 +74,12 @@ def test_predict_cli_and_input_errors(tmp_path, model_file):
     assert res.exit_code == 1 and "nope: no such file or folder" in res.output
     with pytest.raises(EfsoloError, match="no images"):
         collect_images([])
+    # a model that is not a torch file (params.yaml given by mistake): one line naming it
+    not_torch = tmp_path / "params.yaml"
+    not_torch.write_text("seed: 0\n")
+    res = CliRunner().invoke(app, ["predict", str(tmp_path / "b"), "--model", str(not_torch), "--out", "o"])
+    assert res.exit_code == 1
+    assert res.output.strip() == f"error: {not_torch}: not an efsolo model file (not a torch file)"
 
 
 def test_predict_defaults_to_the_inference_settings_the_model_records(tmp_path, model_file):

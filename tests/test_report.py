@@ -2,6 +2,8 @@ import json
 
 import cv2
 import numpy as np
+import pytest
+import torch
 
 from efsolo.data.coco_format import mask_annotation
 from efsolo.evaluation.overlay import draw_annotations, draw_instances, palette, side_by_side
@@ -68,8 +70,44 @@ def test_benchmark_measures_and_tabulates(tmp_path):
     assert bench["results"][0]["images_per_second"] > 0
     text = benchmark.table({**bench, "results": bench["results"] + [row, {"what": "freemask", "size": "paper",
                                                                            "device": "cpu", "error": "out of memory"}]})
-    assert "| cpu | tiny (64x64) | train_step |" in text and "failed: out of memory" in text
+    assert "| cpu | tiny (64x64) | train_step | float32 |" in text and "failed: out of memory" in text
+    assert "Nominal CPU peak" in text
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- bench:start -->\nold\n<!-- bench:end -->\nb\n")
     replace_between_markers(readme, "<!-- bench:start -->", "<!-- bench:end -->", text)
     assert readme.read_text().startswith("a\n<!-- bench:start -->\n| device") and "old" not in readme.read_text()
+
+
+@pytest.mark.parametrize("what", ["train_profile", "pretrain_profile"])
+def test_profiles_split_a_step_into_parts_that_sum_to_it(what):
+    """One FreeSOLO (or pretraining) step's parts: every module's forward and backward, each loss
+    term, views, the loader and the optimiser; their sum is the step (bf16: emulated on a CPU
+    without bf16 instructions, but it runs)."""
+    from efsolo import benchmark
+
+    for precision in ("float32", "bfloat16"):
+        row = benchmark.measure_one({"what": what, "size": "tiny", "device": "cpu", "precision": precision})
+        parts = row["parts_s"]
+        assert row["precision"] == precision and all(v >= -1e-3 for v in parts.values()), parts
+        assert sum(parts.values()) == pytest.approx(row["step_s"], rel=0.02, abs=2e-3)
+        if what == "train_profile":
+            assert {"trunk res5 forward", "trunk res5 backward", "head backward", "mask branch forward",
+                    "loss pairwise", "loss max projection", "views and copy-paste", "data loader",
+                    "optimizer"} <= set(parts)
+            assert "trunk res2 backward" not in parts  # frozen (freeze_at 4): no backward through it
+
+
+def test_nominal_peak_from_cpu_flags(tmp_path):
+    from efsolo.benchmark import peak_gflops
+    from efsolo.modeling.backbone import cpu_has_bf16_instructions, resolve_precision
+
+    assert peak_gflops(["fma", "avx2"], 2, 2500.0) == {"float32": 160.0, "bfloat16": None, "bf16_instructions": False}
+    assert peak_gflops(["avx512f", "avx512_bf16"], 2, 2500.0)["bfloat16"] == 640.0
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma avx512f avx512_bf16\n")
+    assert cpu_has_bf16_instructions(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n")
+    assert not cpu_has_bf16_instructions(info) and not cpu_has_bf16_instructions(tmp_path / "missing")
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) == "float32" and resolve_precision("bfloat16", cpu) == "bfloat16"
+    assert resolve_precision("auto", torch.device("cuda")) == "bfloat16"

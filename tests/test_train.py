@@ -368,3 +368,16 @@ def test_drop_loss_only_lowers_the_focal_term():
     assert on["focal"] < off["focal"]  # some negatives are dropped (the second view has no pseudo mask)
     for k in ("max_proj", "avg_proj", "pairwise", "sem", "positives"):
         assert on[k] == pytest.approx(off[k].item())
+
+
+def test_bf16_training_records_its_precision_and_does_not_resume_a_float32_run(tiny, capsys):
+    """precision: bfloat16 runs the network under bf16 autocast (emulated on a CPU without bf16
+    instructions, so only 2 iterations here); the model file and the stats say so, and a float32
+    checkpoint is not continued under bf16."""
+    train(**_kwargs(tiny, "prec", iters=2, checkpoint_every=1))
+    stats = train(**_kwargs(tiny, "prec", iters=2, checkpoint_every=1, precision="bfloat16"))
+    assert "checkpoint is from other params" in capsys.readouterr().out
+    assert stats["precision"] == "bfloat16" and np.isfinite(stats["final"]["loss"])
+    blob = torch.load(tiny / "prec.pt", weights_only=True)
+    assert blob["meta"]["precision"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in blob["state_dict"].values() if v.is_floating_point())

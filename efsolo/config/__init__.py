@@ -470,7 +470,8 @@ class RuntimeParams:
     """How the stages run, not what they compute. No stage declares these in ``dvc.yaml``, so
     changing one re-runs nothing (``dvc repro -f -s <stage>`` applies it to a finished stage).
     The trainings' results do not depend on the logging, checkpoint or evaluation intervals
-    (tests/test_train.py); the device does (CUDA trains in bf16, the CPU in float32)."""
+    (tests/test_train.py); the device can (``precision: auto`` is bfloat16 on CUDA and on CPUs with
+    bf16 instructions, float32 elsewhere; every stage records the precision it used)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     pretrain: PretrainRuntime = field(default_factory=PretrainRuntime)
@@ -490,6 +491,10 @@ class Params:
     report: ReportParams = field(default_factory=ReportParams)
     paths: PathSettings = field(default_factory=PathSettings)
     models: tuple[str, ...] = MODELS  # evaluated (dvc.yaml's evaluate foreach), drawn by the report
+    # the networks' arithmetic in pretraining, Free Mask and both trainings: auto (bfloat16 on CUDA and
+    # on CPUs with bf16 instructions, float32 elsewhere) | float32 | bfloat16. It changes results: the
+    # stages that train or label declare it, and record the precision they used
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
     def __post_init__(self) -> None:

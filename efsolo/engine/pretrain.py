@@ -123,9 +123,10 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
         seed: int, iters: int, batch_size: int, crop_size: int, lr: float, weight_decay: float,
         momentum: float, queue_size: int, temperature: float, dense_weight: float, proj_dim: int,
         color_jitter: float, grayscale_prob: float, log_every: int, checkpoint_every: int,
-        device: torch.device) -> dict:
+        device: torch.device, precision: str = "float32") -> dict:
     """Pretrain and write ``out_path``. ``iters == 0`` writes the seeded random initialisation.
-    ``color_jitter`` and ``grayscale_prob``: see :func:`make_augment`."""
+    ``color_jitter`` and ``grayscale_prob``: see :func:`make_augment`. With ``precision`` bfloat16
+    the encoders run under bf16 autocast (the loss and the optimiser in float32)."""
     resume.seed_everything(seed)
     records = load_manifest(manifest)
     enc_q = DenseCLEncoder(arch, proj_dim).to(device)
@@ -140,7 +141,7 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
     fp = resume.fingerprint(arch=arch, seed=seed, iters=iters, batch_size=batch_size, crop_size=crop_size, lr=lr,
                             weight_decay=weight_decay, momentum=momentum, queue_size=queue_size,
                             temperature=temperature, dense_weight=dense_weight, proj_dim=proj_dim,
-                            color_jitter=color_jitter, grayscale_prob=grayscale_prob,
+                            color_jitter=color_jitter, grayscale_prob=grayscale_prob, precision=precision,
                             images=[r["sha256"] for r in records])
     ckpt_path = Path(ckpt_dir) / "last.pt"
     start, ptr = 0, 0
@@ -155,7 +156,7 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
     live = resume.make_live(live_dir, resume_at=start if start > 0 else None)
     source = _ImageSource(records)
     augment = make_augment(crop_size, color_jitter, grayscale_prob)
-    use_amp = device.type == "cuda"
+    use_amp = precision == "bfloat16"
     enc_q.train()
     enc_k.train()
     t0 = time.time()
@@ -201,5 +202,6 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
                 "enc_q": enc_q.state_dict(), "enc_k": enc_k.state_dict(), "opt": opt.state_dict(),
                 "queue_g": queue_g.cpu(), "queue_d": queue_d.cpu(), "ptr": ptr})
     live.end()
-    save_backbone(out_path, arch, enc_q.trunk.state_dict(), source=f"densecl-pretrain(iters={iters}, seed={seed})")
-    return {"iters": iters, "seconds": time.time() - t0}
+    save_backbone(out_path, arch, enc_q.trunk.state_dict(),
+                  source=f"densecl-pretrain(iters={iters}, seed={seed}, precision={precision})")
+    return {"iters": iters, "seconds": time.time() - t0, "precision": precision}

@@ -3,8 +3,9 @@
 SGD with linear warm-up; each iteration loads a batch of images with their pseudo-labels,
 makes a weak view (resize, flip) and a strong view (colour, grayscale, blur, erasing,
 copy-paste) on the training device, and minimises L_mask + L_cate over both views, plus an
-optional extra term (the EEC loss). CUDA when present (bf16 autocast, channels_last), CPU
-otherwise; several processes with ``torchrun`` (DDP; DVCLive and checkpoints on rank 0).
+optional extra term (the EEC loss). CUDA when present (channels_last), CPU otherwise; the
+network under bf16 autocast when ``precision`` is bfloat16 (losses and SGD in float32);
+several processes with ``torchrun`` (DDP; DVCLive and checkpoints on rank 0).
 Checkpoints every N iterations make a killed run resumable with the same result.
 """
 from __future__ import annotations
@@ -310,11 +311,13 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
           extra_modules: dict[str, torch.nn.Module] | None = None, extra_loss: ExtraLoss | None = None,
           fingerprint_extra: dict | None = None, log_prefix: str = "train", state_at: int = -1,
           state_path: str | Path | None = None, init_state: str | Path | None = None,
-          model_meta: dict | None = None) -> dict:
+          model_meta: dict | None = None, precision: str = "float32") -> dict:
     """Train a SOLO network on pseudo-labels and write ``out_path``.
 
     ``model_meta`` is recorded in the model file's metadata (e.g. ``{"test": ...}``: the
-    inference settings that ``efsolo predict`` then defaults to).
+    inference settings that ``efsolo predict`` then defaults to), with the training ``precision``
+    (float32, or bfloat16: the network under bf16 autocast); the precision is part of the run's
+    fingerprint, so a checkpoint of the other precision is not resumed.
 
     ``extra_modules`` are trained alongside the network (e.g. the EEC projection) and passed,
     as ``model.extra``, to ``extra_loss(model, out, images, masks, step, rows, total)``, whose
@@ -351,7 +354,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
                             momentum=momentum, weight_decay=weight_decay, warmup=(warmup_iters, warmup_factor),
                             schedule=(lr_schedule, tuple(lr_steps)), clip=clip_grad_norm, ema=ema_decay,
                             sides=train_short_sides, max_side=max_side, losses=asdict(losses),
-                            copy_paste=copy_paste_prob, world=world, labels=resume.file_digest(labels),
+                            copy_paste=copy_paste_prob, world=world, precision=precision,
+                            labels=resume.file_digest(labels),
                             backbone=resume.file_digest(backbone), extra=fingerprint_extra or {})
     g_cpu = torch.Generator().manual_seed(seed)
     g_dev = torch.Generator(device=device).manual_seed(seed + 1)
@@ -392,7 +396,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
         sums = ck["extra_means"]
         extra_sums = {k: v.to(device) for k, v in sums["sums"].items()}
         extra_steps, ratio_sum, ratio_n = sums["steps"], sums["ratio_sum"].to(device), sums["ratio_n"]
-    use_amp = device.type == "cuda"
+    use_amp = precision == "bfloat16"
     model.train()
     bad = torch.zeros((), dtype=torch.bool, device=device)
     logs: dict[str, torch.Tensor] = {}
@@ -414,7 +418,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
         images = torch.cat([batch.images, strong])
         masks, embeds = batch.masks + s_masks, batch.embeds + s_embeds
         x = normalise(images)
-        if use_amp:
+        if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             view_rows = torch.tensor(mine + [batch_size + i for i in mine])  # weak views, then strong
@@ -473,7 +477,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
                         {"sums": extra_sums, "steps": extra_steps, "ratio_sum": ratio_sum, "ratio_n": ratio_n}
                         if extra_loss is not None else None)
     seconds = time.time() - t0 - t_eval
-    stats = {"iters": iters, "seconds": round(seconds, 1), "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
+    stats = {"iters": iters, "precision": precision, "seconds": round(seconds, 1),
+             "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
              "final": {k: round(float(v), 4) for k, v in logs.items()},
              # the loop evaluates its last iteration whenever it runs one
              "evaluated_at_end": live is not None and evaluator is not None and eval_every > 0 and start < iters}
@@ -488,8 +493,9 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             live.end()
         # deterministic metadata only (timings are in the stage's metrics), so identical
         # weights give an identical file and DVC does not re-run what depends on it
-        save_model(out_path, ema.averaged(model) if ema is not None else model, {"fingerprint": fp, "iters": iters,
-                                     "input_size": [max(train_short_sides), max_side], **(model_meta or {})})
+        save_model(out_path, ema.averaged(model) if ema is not None else model, {
+            "fingerprint": fp, "iters": iters, "precision": precision, "input_size": [max(train_short_sides), max_side],
+            **(model_meta or {})})
     if world > 1:
         dist.barrier()
     return stats

@@ -473,7 +473,12 @@ def run_pool(pool_json: str | Path, backbone: str | Path, start_state: str | Pat
 def load_pool(path: str | Path) -> dict:
     from efsolo.utils.errors import EfsoloError
 
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise EfsoloError(f"{path}: no such exemplar pool file") from None
+    except Exception as err:  # noqa: BLE001 - any unpickling failure: not one of our files
+        raise EfsoloError(f"{path}: not an exemplar pool file ({type(err).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != POOL_FORMAT:
         raise EfsoloError(f"{path}: not an exemplar pool file")
     return blob

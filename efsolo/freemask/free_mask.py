@@ -178,15 +178,16 @@ def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, d
                 nms_sigma: float, fast_nms_iou: float, keep_top: int, pre_nms_top: int, score_threshold: float,
                 max_box_width: float, top_exclude: float, embed_dim: int, embed_method: str, batch_size: int,
                 seed: int, split_components: bool = False,
-                component_min_fraction: float = 0.1) -> tuple[dict, np.ndarray, list[dict]]:
-    """Free Mask pseudo-labels for a list of manifest records.
+                component_min_fraction: float = 0.1, precision: str = "float32") -> tuple[dict, np.ndarray, list[dict]]:
+    """Free Mask pseudo-labels for a list of manifest records; the trunk runs under bf16 autocast
+    when ``precision`` is bfloat16 (Free Mask's own operations in float32).
 
     Returns (COCO dataset with scored RLE annotations, embeddings (N_ann, embed_dim) float16
     aligned with the annotations' order and ids 1..N_ann, skipped files).
     """
     images, anns, embeds, skipped = [], [], [], []
     batches = _batches(records, short_side, max_side, batch_size)
-    use_amp = device.type == "cuda"
+    use_amp = precision == "bfloat16"
     with ThreadPoolExecutor(1) as pool:  # decode the next batch while this one runs
         loaded = pool.map(_load, batches)
         for (h, w), recs, imgs, bad in tqdm(loaded, total=len(batches), desc=desc, disable=None, leave=False):
@@ -195,7 +196,8 @@ def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, d
                 continue
             x = normalise(imgs, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                feats = trunk(x.contiguous(memory_format=torch.channels_last) if use_amp else x)[feature_level]
+                feats = trunk(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)[
+                    feature_level]
             res = free_mask(feats.float(), query_scales, mask_threshold, min_pixels, nms, nms_sigma, fast_nms_iou,
                             keep_top, pre_nms_top)
             for i, r in enumerate(recs):
@@ -264,7 +266,7 @@ def run(train_manifest: str | Path, val_manifest: str | Path, backbone: str | Pa
         trunk = trunk.to(memory_format=torch.channels_last)
     settings = {"backbone": file_digest(backbone), "feature_stride": feature_stride, "seed": seed, **options}
     stats: dict = {"feature_level": options["feature_level"], "feature_stride": feature_stride,
-                   "device": device.type, "processes": world}
+                   "device": device.type, "precision": options.get("precision", "float32"), "processes": world}
     for split, manifest in (("train", train_manifest), ("val", val_manifest)):
         records = load_manifest(manifest)
         slices = sharding.shard_slices(len(records), shard_size)

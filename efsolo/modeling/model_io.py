@@ -38,7 +38,10 @@ def _read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise EfsoloError(f"{path}: no such model file")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception:  # noqa: BLE001 - any unpickling failure: not one of our files
+        raise EfsoloError(f"{path}: not an efsolo model file (not a torch file)") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise EfsoloError(f"{path}: not an efsolo model file")
     return blob

@@ -167,10 +167,14 @@ class SOLO(nn.Module):
     def forward_from_trunk(self, c: dict[str, torch.Tensor]) -> SOLOOutput:
         """The FPN, heads and mask branch over the trunk's features C2..C5."""
         ps = self.fpn([c["c2"], c["c3"], c["c4"], c["c5"]])
-        level_feats = [F.interpolate(ps[0], scale_factor=0.5, mode="bilinear", align_corners=False), ps[1], ps[2],
-                       ps[3], F.interpolate(ps[4], size=ps[3].shape[-2:], mode="bilinear", align_corners=False)]
-        cates, kernels, embeds = self.head(level_feats)
+        cates, kernels, embeds = self.head(level_features(ps))
         return SOLOOutput(cates, kernels, embeds, self.mask_branch(ps[:4]), c)
+
+
+def level_features(ps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """P2..P6 -> the five instance levels' features: P2 at stride 8, P3, P4, P5, P6 at P5's size."""
+    return [F.interpolate(ps[0], scale_factor=0.5, mode="bilinear", align_corners=False), ps[1], ps[2], ps[3],
+            F.interpolate(ps[4], size=ps[3].shape[-2:], mode="bilinear", align_corners=False)]
 
 
 def dynamic_masks(kernels: torch.Tensor, mask_feat: torch.Tensor) -> torch.Tensor:
