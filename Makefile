@@ -4,7 +4,8 @@
 # make readme: (maintainers) write the current results table into README.md between its markers
 # make test:  setup, then the test suite
 # make seeds: setup, then the whole pipeline for seeds 0, 1, 2 as a DVC experiment queue; writes
-#             metrics/seeds.json (per seed, and mean ± std) and prints the table
+#             metrics/seeds.json (per seed, and mean ± std) and prints the table.
+#             make seeds LOOK=photo: the same on the photo look, into metrics/seeds_photo.json
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
@@ -32,8 +33,10 @@ readme: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
+LOOK ?= gradient
 seeds: setup
-	efsolo seeds --seeds 0 --seeds 1 --seeds 2
+	efsolo seeds --seeds 0 --seeds 1 --seeds 2 $(if $(filter-out gradient,$(LOOK)),-S data.synthetic.look=$(LOOK) \
+	  --out metrics/seeds_$(LOOK).json)
 
 clean:
 	rm -rf data/prepared models pseudo predictions dvclive checkpoints metrics/pr $(filter-out metrics/bench.json,$(wildcard metrics/*.json))

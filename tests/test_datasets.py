@@ -7,7 +7,7 @@ import pytest
 
 from efsolo.data.coco_format import decode_mask, mask_annotation
 from efsolo.data.datasets import DataError, run
-from efsolo.data.synthetic import NUM_KINDS, make_scene
+from efsolo.data.synthetic import NUM_KINDS, contrast_with_surroundings, indistinct, make_scene
 
 
 def _write_images(folder, n, size=(20, 30)):
@@ -60,6 +60,35 @@ def test_synthetic_run_writes_manifests_and_gt(tmp_path):
     ys, xs = np.nonzero(m)
     assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
     assert (tmp_path / "train_gt.json").exists()
+    assert report["val_ignored"] == sum(a["iscrowd"] for a in gt["annotations"])
+
+
+def test_an_object_nobody_can_see_is_an_ignore_region():
+    """The ignore rule reads only pixels: a disc of the same texture as its surroundings is
+    indistinct; the same disc brighter, or smooth on the textured ground, is not."""
+    rng = np.random.default_rng(0)
+    ground = rng.integers(60, 200, (96, 96, 3), dtype=np.uint8)
+    disc = np.zeros((96, 96), np.uint8)
+    cv2.circle(disc, (48, 48), 20, 1, -1)
+    disc = disc.astype(bool)
+    colour, texture = contrast_with_surroundings(ground, disc)
+    assert colour < 0.2 and texture < 0.2 and indistinct(ground, disc)
+    bright = ground.copy()
+    bright[disc] = np.clip(bright[disc].astype(int) + 120, 0, 255).astype(np.uint8)
+    assert not indistinct(bright, disc)
+    smooth = ground.copy()
+    smooth[disc] = ground.reshape(-1, 3).mean(0).astype(np.uint8)  # the same mean colour, no texture
+    assert contrast_with_surroundings(smooth, disc)[1] > 0.5 and not indistinct(smooth, disc)
+
+
+def test_the_photo_look_ignores_more_objects_than_the_gradient_look():
+    """Objects cut from their own photograph are often indistinct; the gradient look's rarely."""
+    counts = {}
+    for look in ("gradient", "photo"):
+        scenes = [make_scene(3, "train", i, 160, 2, 6, look) for i in range(20)]
+        flags = [indistinct(sc.image, m) for sc in scenes for m in sc.masks]
+        counts[look] = sum(flags) / len(flags)
+    assert counts["gradient"] < 0.1 < counts["photo"]
 
 
 def _coco(tmp_path):

@@ -55,6 +55,19 @@ def test_paired_difference_of_exemplar_freesolo_and_freesolo():
     assert "paired" not in summarise({0: {"freesolo": m(10)}})
 
 
+def test_the_eec_diagnostics_of_each_seed_are_kept():
+    show = [{"rev": "c0", "name": "main", "data": {"metrics": {}}, "experiments": [{"revs": [
+        {"rev": "x", "name": "seed-3", "experiments": None, "data": {"timestamp": "t", "metrics": {
+            "metrics/freesolo.json": {"data": {"segm": {"AP": 0.1}}},
+            "metrics/train/exemplar_freesolo.json": {"data": {"round1": {"extra_mean": {
+                "frac_used": 0.6, "grad_ratio": 0.4, "loss": 0.2}}}}}}}]}]}]
+    found = experiment_metrics(show, ["seed-3"])
+    assert found["seed-3"]["eec"] == {"frac_used": 0.6, "grad_ratio": 0.4}
+    result = summarise({3: found["seed-3"]})
+    assert result["eec"] == {"3": {"frac_used": 0.6, "grad_ratio": 0.4}}
+    assert "| 3 | 0.600 | 0.400 | - |" in table(result)
+
+
 def test_collect_reads_experiments_of_every_commit_and_names_the_missing(monkeypatch):
     import json
 

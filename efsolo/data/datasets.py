@@ -65,7 +65,7 @@ def _require_nonempty(images: list, what: str) -> None:
 
 def prepare_synthetic(out_dir: Path, seed: int, num_train: int, num_val: int, image_size: int,
                       min_objects: int, max_objects: int, look: str = "gradient") -> dict:
-    from efsolo.data.synthetic import make_scene
+    from efsolo.data.synthetic import indistinct, make_scene
 
     outputs: dict[str, dict] = {}
     for split, count in (("train", num_train), ("val", num_val)):
@@ -80,6 +80,8 @@ def prepare_synthetic(out_dir: Path, seed: int, num_train: int, num_val: int, im
             for mask, kind in zip(scene.masks, scene.kinds):
                 ann = mask_annotation(mask, len(anns) + 1, image_id)
                 ann["kind"] = kind  # hidden kind, for analysis only
+                # an object that cannot be told from its surroundings is an ignore region (synthetic.indistinct)
+                ann["iscrowd"] = int(indistinct(scene.image, mask))
                 anns.append(ann)
         gt = {"info": {"description": "efsolo synthetic demo", "has_ground_truth": True},
               "images": records, "annotations": anns, "categories": [AGNOSTIC_CATEGORY]}
@@ -193,6 +195,8 @@ def run(out_dir: str | Path, source: str, seed: int, train_images: tuple[str, ..
         "source": source,
         **{f"{s}_images": len(r["manifest"]["images"]) for s, r in splits.items()},
         **{f"{s}_annotations": len(r["gt"]["annotations"]) for s, r in splits.items()},
+        # ground-truth objects that are ignore regions (COCO iscrowd 1; synthetic: synthetic.indistinct)
+        **{f"{s}_ignored": sum(a.get("iscrowd", 0) for a in r["gt"]["annotations"]) for s, r in splits.items()},
         "skipped": [{"split": s, **k} for s, r in splits.items() for k in r["skipped"]],
     }
     atomic.write_json(out_dir / "report.json", report, indent=1)

@@ -134,6 +134,56 @@ class Scene:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     masks: list[np.ndarray]  # visible masks (H, W) bool, painting order
     kinds: list[int]  # hidden kind of each object: family * len(SHAPES) + shape
+    camouflaged: list[bool]  # textured with a cut of the background's own photograph (photo look)
+
+
+# An object nobody can see is not ground truth to score against: an object whose visible pixels
+# cannot be told from a ring of the same area around them is an ignore region (COCO iscrowd 1: a
+# prediction on it is neither rewarded nor punished). The statistic reads only the pixels: the
+# separability d' (distance of the means over the pooled standard deviation) of the CIE Lab colours
+# and of the texture energy (Sobel gradient magnitude of the gray image), each region at least 2 px
+# from the boundary. An object is indistinct when both are below these: its colours' means lie less
+# than one standard deviation apart, and its texture energy's less than half of one. Measured on
+# development seed 3's training images: 3% of the gradient look's objects, 44% of the photo look's
+# objects cut from their own photograph and 7% of its family-textured ones.
+IGNORE_MAX_COLOUR_D = 1.0
+IGNORE_MAX_TEXTURE_D = 0.5
+
+
+def contrast_with_surroundings(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(colour d', texture d') between an object's visible pixels (``mask`` (H, W) bool, eroded by
+    2 px) and a ring around them of about the same area (grown from the mask, 2 px away from it,
+    inside the image); image (H, W, 3) uint8 RGB. d' = |mean_in - mean_ring| / sqrt((var_in +
+    var_ring) / 2), the colours' over the three Lab channels. (inf, inf) when the ring is empty."""
+    m = mask.astype(np.uint8)
+    k = np.ones((3, 3), np.uint8)
+    inner = cv2.erode(m, k, iterations=2).astype(bool)
+    if not inner.any():
+        inner = mask
+    near = cv2.dilate(m, k, iterations=2).astype(bool)
+    grown, ring = near, np.zeros_like(mask)
+    for _ in range(max(image.shape[:2])):
+        grown = cv2.dilate(grown.astype(np.uint8), k).astype(bool)
+        ring = grown & ~near
+        if ring.sum() >= mask.sum() or grown.all():
+            break
+    if not ring.any():
+        return float("inf"), float("inf")
+
+    def separability(a: np.ndarray, b: np.ndarray) -> float:
+        spread = np.sqrt((a.var(0).sum() + b.var(0).sum()) / 2) + 1e-6
+        return float(np.linalg.norm(np.atleast_1d(a.mean(0) - b.mean(0))) / spread)
+
+    lab = cv2.cvtColor(image.astype(np.float32) / 255, cv2.COLOR_RGB2Lab)
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    energy = np.hypot(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
+    return separability(lab[inner], lab[ring]), separability(energy[inner], energy[ring])
+
+
+def indistinct(image: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether an object cannot be told from its surroundings (the ignore rule above)."""
+    colour, texture = contrast_with_surroundings(image, mask)
+    return colour < IGNORE_MAX_COLOUR_D and texture < IGNORE_MAX_TEXTURE_D
 
 
 def make_scene(seed: int, split: str, index: int, size: int, min_objects: int, max_objects: int,
@@ -168,10 +218,12 @@ def make_scene(seed: int, split: str, index: int, size: int, min_objects: int, m
         occluder |= mask
         keep.append((mask, visible, kind, family))
     keep.reverse()
+    camouflaged = []
     for mask, _visible, _kind, family in keep:
         ys, xs = np.nonzero(mask)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        if scene_source and rng.uniform() < 0.5:
+        camouflaged.append(bool(scene_source) and rng.uniform() < 0.5)
+        if camouflaged[-1]:
             tex = _camouflage(rng, scene_source, y1 - y0, x1 - x0)
         else:
             tex = _texture(rng, family, y1 - y0, x1 - x0)
@@ -182,4 +234,5 @@ def make_scene(seed: int, split: str, index: int, size: int, min_objects: int, m
     if look == "photo":
         canvas = _lighting(rng, canvas)
     image = (canvas * 255 + 0.5).astype(np.uint8)
-    return Scene(image=image, masks=[v for _, v, _, _ in keep], kinds=[k for _, _, k, _ in keep])
+    return Scene(image=image, masks=[v for _, v, _, _ in keep], kinds=[k for _, _, k, _ in keep],
+                 camouflaged=camouflaged)

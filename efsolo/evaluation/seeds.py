@@ -21,7 +21,9 @@ from efsolo.utils import atomic
 from efsolo.utils.errors import EfsoloError
 
 README_START, README_END = "<!-- seeds:start -->", "<!-- seeds:end -->"
-KEYS = (("segm", "AP"), ("segm", "AP50"), ("segm", "AR100"), ("bbox", "AP"), ("bbox", "AP50"))
+KEYS = (("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"), ("segm", "AR100"), ("bbox", "AP"), ("bbox", "AP50"))
+EEC_KEYS = ("frac_used", "grad_ratio", "logit_gap")  # Exemplar-FreeSOLO's training diagnostics (means)
+EEC_STATS = "train/exemplar_freesolo.json"
 
 
 def _dvc(*args: str, check: bool = True) -> str:
@@ -52,15 +54,25 @@ def experiment_metrics(show: list | dict, names: list[str], metrics_dir: str = "
                 metrics = {}
                 for path, blob in data["metrics"].items():
                     model = Path(path).stem
-                    if Path(path).parent == Path(metrics_dir) and model in MODELS and isinstance(blob, dict) \
-                            and blob.get("data"):  # a metrics file missing in that run comes as an "error"
+                    if not (isinstance(blob, dict) and blob.get("data")):
+                        continue  # a metrics file missing in that run comes as an "error"
+                    if Path(path).parent == Path(metrics_dir) and model in MODELS:
                         metrics[model] = blob["data"]
+                    elif Path(path) == Path(metrics_dir) / EEC_STATS:
+                        metrics["eec"] = eec_means(blob["data"])
                 found[node["name"]] = (stamp, metrics)
         for v in node.values():
             walk(v)
 
     walk(show)
     return {name: m for name, (_, m) in found.items()}
+
+
+def eec_means(stats: dict) -> dict[str, float]:
+    """The EEC diagnostics' means over Exemplar-FreeSOLO's training (its stage's stats file)."""
+    rounds = [v for k, v in stats.items() if k.startswith("round")]
+    means = rounds[-1].get("extra_mean", {}) if rounds else {}
+    return {k: means[k] for k in EEC_KEYS if k in means}
 
 
 def summarise(per_seed: dict[int, dict[str, dict]]) -> dict:
@@ -80,6 +92,9 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict:
             std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
             summary.setdefault(m, {})[f] = {"mean": round(mean, 2), "std": round(std, 2), "n": len(xs)}
     result = {"seeds": {str(s): r for s, r in rows.items()}, "summary": summary}
+    eec = {str(s): models["eec"] for s, models in sorted(per_seed.items()) if models.get("eec")}
+    if eec:
+        result["eec"] = eec
     if "freesolo" in common and "exemplar_freesolo" in common:
         result["paired"] = paired(rows)
     return result
@@ -119,6 +134,10 @@ def table(result: dict) -> str:
                          " | ".join(f"{d[f]:+.2f}" if f in d else "-" for f in figures) + " |")
         lines.append("| exemplar_freesolo / freesolo | ratio of means | " + " | ".join(
             f"{pr['ratio_of_means'][f]:.2f}" if pr["ratio_of_means"].get(f) else "-" for f in figures) + " |")
+    if "eec" in result:
+        lines += ["", "| seed | " + " | ".join(f"EEC mean {k}" for k in EEC_KEYS) + " |", "|---|" + "---|" * len(EEC_KEYS)]
+        lines += [f"| {seed} | " + " | ".join(f"{d[k]:.3f}" if k in d else "-" for k in EEC_KEYS) + " |"
+                  for seed, d in result["eec"].items()]
     return "\n".join(lines)
 
 
@@ -133,6 +152,8 @@ def workspace_metrics(seed: int, overrides: list[str]) -> dict | None:
         return None
     found = {m: json.loads((Path(metrics_dir) / f"{m}.json").read_text()) for m in MODELS
              if (Path(metrics_dir) / f"{m}.json").is_file()}
+    if found and (Path(metrics_dir) / EEC_STATS).is_file():
+        found["eec"] = eec_means(json.loads((Path(metrics_dir) / EEC_STATS).read_text()))
     return found or None
 
 
