@@ -6,6 +6,7 @@
 # make seeds: setup, then the whole pipeline for seeds 0, 1, 2 as a DVC experiment queue; writes
 #             metrics/seeds.json (per seed, and mean ± std) and prints the table.
 #             make seeds LOOK=photo: the same on the photo look, into metrics/seeds_photo.json
+# make eec-from-scratch: the paper's protocol (the EEC over the whole training) as a DVC experiment
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
@@ -13,7 +14,7 @@ PYTHON ?= python3
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo readme test seeds clean
+.PHONY: setup demo readme test seeds eec-from-scratch clean
 
 setup: $(VENV)/.efsolo-installed
 
@@ -38,5 +39,8 @@ seeds: setup
 	efsolo seeds --seeds 0 --seeds 1 --seeds 2 $(if $(filter-out gradient,$(LOOK)),-S data.synthetic.look=$(LOOK) \
 	  --out metrics/seeds_$(LOOK).json)
 
+eec-from-scratch: setup
+	dvc exp run -n eec-from-scratch -S eec.start_iter=0
+
 clean:
-	rm -rf data/prepared models pseudo predictions dvclive checkpoints metrics/pr $(filter-out metrics/bench.json,$(wildcard metrics/*.json))
+	rm -rf data/prepared models pseudo predictions dvclive checkpoints metrics/pr metrics/pool $(filter-out metrics/bench.json,$(wildcard metrics/*.json))
