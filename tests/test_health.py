@@ -18,6 +18,7 @@ term, at full weight too early, made every mask a constant, so a second check tr
 whole set and requires the masks to keep their shape.
 """
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,10 @@ ITERS = 60
 IMAGES = 4
 
 
-def _build(tmp_path_factory, look: str, seed: int | None = None):
+def _build(tmp_path_factory, look: str, seed: int | None = None, trunk: Path | None = None):
     """(params, working folder) after the data, backbone and freemask stages of the demo, with
-    ``look``'s synthetic images (4 val images), at ``seed`` (None: the demo's)."""
+    ``look``'s synthetic images (4 val images), at ``seed`` (None: the demo's); with ``trunk``,
+    that backbone file instead of a pretraining (the expensive stage: one for the module)."""
     root = tmp_path_factory.mktemp(f"health_{look}")
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["runtime"]["device"] = "cpu"
@@ -50,7 +52,12 @@ def _build(tmp_path_factory, look: str, seed: int | None = None):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         pipeline.data(p)
-        pipeline.backbone(p)
+        if trunk is None:
+            pipeline.backbone(p)
+        else:
+            target = pipeline.Layout(p.paths).model("backbone")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(trunk, target)
         pipeline.freemask(p)
     return p, root
 
@@ -62,10 +69,13 @@ def demo_like(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def photo_like(tmp_path_factory):
+def photo_like(tmp_path_factory, demo_like):
     """The photo look's demo up to Free Mask, at development seed 3: the seed whose training
-    collapsed (seed 0's did not within these iterations; no reported seed is used)."""
-    return _build(tmp_path_factory, "photo", seed=3)
+    collapsed (seed 0's did not within these iterations; no reported seed is used). Its Free Mask
+    runs on the default look's demo trunk: the collapse comes from the photographs' colour-similar
+    neighbours in the pairwise term, and this check still fails with the old warm-up of 40 on it."""
+    p, root = demo_like
+    return _build(tmp_path_factory, "photo", seed=3, trunk=root / pipeline.Layout(p.paths).model("backbone"))
 
 
 def _pseudo_labels(p, count: int) -> tuple[Path, Path, PseudoLabelSet, list[int]]:
