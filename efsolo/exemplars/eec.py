@@ -126,6 +126,15 @@ def guide_filter(soft: torch.Tensor, scores: torch.Tensor, keep: int, score_thre
     return valid & (valid.long().cumsum(1) <= keep)
 
 
+def upsampled_queries(feats: torch.Tensor, upsample: int) -> torch.Tensor:
+    """Q^ = upsample(l2norm(I_u)): features (B, C, h, w) normalised over channels, then upsampled
+    bilinearly by ``upsample`` -> (B, C, h * up, w * up)."""
+    q = F.normalize(feats.float(), dim=1)
+    if upsample > 1:
+        q = F.interpolate(q, scale_factor=upsample, mode="bilinear", align_corners=False)
+    return q
+
+
 class EECModule(nn.Module):
     """The learnable part of EEC: the 1x1 convolution that makes K^ (initialised to the identity,
     so that K^ = Q^ at the start and the first masks are Free Mask's own), and, with ``proj_dim``
@@ -156,10 +165,7 @@ class EECModule(nn.Module):
 
     def queries(self, feats: torch.Tensor) -> torch.Tensor:
         """Q^ = upsample(l2norm(I_u)). (B, C, h, w) -> (B, C, h * up, w * up)."""
-        q = F.normalize(feats.float(), dim=1)
-        if self.upsample > 1:
-            q = F.interpolate(q, scale_factor=self.upsample, mode="bilinear", align_corners=False)
-        return q
+        return upsampled_queries(feats, self.upsample)
 
     def keys(self, pooled_queries: torch.Tensor) -> torch.Tensor:
         """conv1x1 applied to pooled queries: (K, C) -> (K, C), not normalised."""
@@ -259,9 +265,6 @@ class ExemplarFeatures:
             self._views.append(exemplar_view(obj, view, short_side, max_side))
         self._cache: dict | None = None  # device, then per size group: (rows, trunk prefix (n, C, h, w), masks)
 
-    def __len__(self) -> int:
-        return len(self._views)
-
     def _groups(self, trunk: ResNetTrunk, device: torch.device) -> list:
         if self._cache is None or self._cache["device"] != device:
             by_size: dict[tuple[int, int], list[int]] = {}
@@ -284,11 +287,10 @@ class ExemplarFeatures:
         c = trunk.channels[feature_level]
         if not self._views:
             return torch.zeros((0, c))
-        module = EECModule(c, upsample)
         device = next(trunk.parameters()).device
         out = torch.zeros((len(self._views), c), device=device)
         for rows, prefix, masks in self._groups(trunk, device):
-            q = module.queries(trunk.forward_from(prefix, self.fixed_stages)[feature_level])  # (n, C, H, W)
+            q = upsampled_queries(trunk.forward_from(prefix, self.fixed_stages)[feature_level], upsample)
             weight = F.interpolate(masks, size=q.shape[-2:], mode="area")  # (n, 1, H, W)
             out[rows] = (q * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp_min(1e-6)
         return out
@@ -349,6 +351,7 @@ def engaged_fraction(cosines: np.ndarray, alpha: float, beta: float) -> float:
 
 
 def percentiles(x: np.ndarray, qs: tuple[int, ...] = (10, 25, 50, 75, 90)) -> dict[str, float]:
+    """{"p10": ..., ...}: the percentiles ``qs`` of ``x``, rounded (empty for an empty ``x``)."""
     return {f"p{q}": round(float(v), 4) for q, v in zip(qs, np.percentile(x, qs))} if x.size else {}
 
 
