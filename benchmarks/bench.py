@@ -26,7 +26,9 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=["demo", "paper"], choices=sorted(benchmark.SIZES))
+    ap.add_argument("--sizes", nargs="+", default=["demo", "paper"], choices=benchmark.SIZE_NAMES,
+                    help="demo: the sizes of --params; paper: the paper profile's")
+    ap.add_argument("--params", default="params.yaml", help="the params file the demo sizes come from")
     ap.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     ap.add_argument("--loops", nargs="+", default=None, choices=sorted(benchmark.MEASURES))
     ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
@@ -34,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", default="metrics/bench.json")
     ap.add_argument("--readme", default=None, help="write the table between the README's bench markers")
     a = ap.parse_args()
-    result = benchmark.run(a.sizes, a.devices, a.loops, precisions=tuple(a.precisions))
+    result = benchmark.run_benchmarks(a.sizes, a.devices, a.loops, precisions=tuple(a.precisions), params=a.params)
     atomic.write_json(a.out, result, indent=1)
     text = benchmark.table(result)
     print(text)

@@ -18,9 +18,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from efsolo.config import Params, load_params
 from efsolo.modeling.solo_model import SOLO, SOLOArch
 
 # dense bf16 peak of common GPUs (TFLOP/s), by a substring of the device name
@@ -39,19 +42,42 @@ class Size:
     batch: int
     freemask_level: str
     freemask_scales: tuple[float, ...]
+    freemask_short: int
+    freemask_long: int
     iters: int = 3
-    pretrain_batch: int = 32  # DenseCL pretraining: crops a view (the demo's batch and crop size)
+    pretrain_batch: int = 32  # DenseCL pretraining: crops a view
     pretrain_crop: int = 96
 
 
-DEMO = Size("demo", SOLOArch(arch="resnet18", fpn_channels=64, head_channels=128, head_convs=2, mask_channels=64,
-                             kernel_dim=64, grids=(24, 20, 16, 12, 8), freeze_at=4),
-            160, 160, 4, "c3", (0.5, 0.25), iters=5)
-PAPER = Size("paper", SOLOArch(), 800, 1333, 1, "c5", (1.0, 0.5, 0.25), iters=2)
-TINY = Size("tiny", SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16,
-                             kernel_dim=8, grids=(8, 6, 4, 3, 2), freeze_at=4), 64, 64, 2, "c3", (0.5,), iters=1,
+def size_from_params(name: str, p: Params, iters: int, batch: int | None = None, square: bool | None = None) -> Size:
+    """The sizes a params file trains and labels at: FreeSOLO's network, its largest training side,
+    its batch (``batch`` overrides it), Free Mask's level, scales and side, and the pretraining's batch
+    and crop. Synthetic images are square (``square`` None: from ``data.source``); other images are
+    measured at the long-side cap."""
+    i, f = p.freesolo.input, p.freemask
+    square = p.data.source == "synthetic" if square is None else square
+    short = max(i.train_short_sides)
+    arch = SOLOArch(backbone=p.backbone.arch, embed_dim=f.embed_dim, **asdict(p.freesolo.model))
+    return Size(name, arch, short, short if square else i.max_side, batch or p.freesolo.solver.batch_size,
+                f.feature_level, f.query_scales, f.short_side, f.short_side if square else f.max_side, iters=iters,
+                pretrain_batch=p.backbone.pretrain.batch_size, pretrain_crop=p.backbone.pretrain.crop_size)
+
+
+TINY = Size("tiny", SOLOArch(backbone="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16,
+                             kernel_dim=8, grids=(8, 6, 4, 3, 2), freeze_at=4), 64, 64, 2, "c3", (0.5,), 64, 64, iters=1,
             pretrain_batch=4, pretrain_crop=48)
-SIZES = {s.name: s for s in (DEMO, PAPER, TINY)}
+SIZE_NAMES = ("demo", "paper", "tiny")
+
+
+def sizes(params_path: str | Path = "params.yaml") -> dict[str, Size]:
+    """``demo``: the sizes of ``params_path``; ``paper``: the paper profile's (the params defaults),
+    one image a step (eight at 800 x 1333 take minutes a step on a CPU); ``tiny``: for the tests."""
+    return {"demo": size_from_params("demo", load_params(params_path), iters=5),
+            "paper": size_from_params("paper", Params(), iters=2, batch=1, square=False), "tiny": TINY}
+
+
+def size_named(name: str, params_path: str | Path = "params.yaml") -> Size:
+    return TINY if name == "tiny" else sizes(params_path)[name]
 
 
 def _sync(device: torch.device) -> None:
@@ -89,13 +115,11 @@ def bench_freemask(size: Size, device: torch.device) -> dict:
     from efsolo.freemask.free_mask import free_mask
     from efsolo.modeling.inference import normalise
 
-    trunk = ResNetTrunk(size.arch.arch, 32).to(device).eval()
+    trunk = ResNetTrunk(size.arch.backbone, 32).to(device).eval()
     amp = device.type == "cuda"
     if amp:
         trunk = trunk.to(memory_format=torch.channels_last)
-    # Free Mask runs at the size it is given; the demo's runs at twice the image size (320 px)
-    scale = 2 if size.name == "demo" else 1
-    sz = replace(size, short_side=size.short_side * scale, long_side=size.long_side * scale)
+    sz = replace(size, short_side=size.freemask_short, long_side=size.freemask_long)
     x, _, _ = _inputs(sz, size.batch, device)
 
     @torch.inference_mode()
@@ -111,7 +135,7 @@ def bench_freemask(size: Size, device: torch.device) -> dict:
 def _train_parts(size: Size, device: torch.device, precision: str = "float32"):
     from efsolo.config import LossSettings
     from efsolo.modeling.inference import normalise
-    from efsolo.engine.train import solo_losses
+    from efsolo.modeling.solo_loss import solo_losses
     from efsolo.data.views import copy_paste, strong_view
 
     model = SOLO(size.arch).to(device).train()
@@ -215,7 +239,7 @@ def bench_train_profile(size: Size, device: torch.device, precision: str = "floa
     and the SGD step. The network is cut between its parts (each part's input a leaf that
     collects its gradient), so each backward is timed on its own; the arithmetic is the training
     step's. Seconds per iteration, and shares."""
-    import efsolo.engine.train as tr
+    import efsolo.modeling.solo_loss as solo_loss  # its loss terms are wrapped with clocks below
     from efsolo.config import LossSettings
     from efsolo.data.pseudo_labels import make_batch
     from efsolo.data.views import copy_paste, strong_view
@@ -234,7 +258,7 @@ def bench_train_profile(size: Size, device: torch.device, precision: str = "floa
     names = ["trunk stem", "trunk res2", "trunk res3", "trunk res4", "trunk res5"]
     terms = ("max_projection_loss", "avg_projection_loss", "pairwise_loss", "focal_loss", "semantic_loss",
              "colour_similarity")
-    originals = {n: getattr(tr, n) for n in terms}
+    originals = {n: getattr(solo_loss, n) for n in terms}
 
     def timed(n: str):  # noqa: ANN202
         return lambda *a, **k: clock.section(f"loss {n.replace('_loss', '').replace('_', ' ')}",
@@ -267,7 +291,7 @@ def bench_train_profile(size: Size, device: torch.device, precision: str = "floa
             parts.append(("mask branch", mask_feat, ps_mask))
         outs = _cut([cates, kernels, embeds_, mask_feat])
         out = SOLOOutput(*outs, trunk=None)
-        loss = clock.section("losses forward", lambda: tr.solo_losses(out, images, masks + s_masks, embeds + s_embeds,
+        loss = clock.section("losses forward", lambda: solo_loss.solo_losses(out, images, masks + s_masks, embeds + s_embeds,
                                                                       size.arch.grids, ls, step=10**6)["total"])
         opt.zero_grad(set_to_none=True)
         clock.section("loss terms backward", loss.backward)
@@ -293,7 +317,7 @@ def bench_train_profile(size: Size, device: torch.device, precision: str = "floa
         clock.section("optimizer", opt.step)
 
     for n in terms:
-        setattr(tr, n, timed(n))
+        setattr(solo_loss, n, timed(n))
     try:
         one()  # warm-up
         clock.sums.clear()
@@ -301,7 +325,7 @@ def bench_train_profile(size: Size, device: torch.device, precision: str = "floa
             one()
     finally:
         for n, f in originals.items():
-            setattr(tr, n, f)
+            setattr(solo_loss, n, f)
     s = {k: v / size.iters for k, v in clock.sums.items()}
     s["loss other"] = s.pop("losses forward") - sum(v for k, v in s.items() if k.startswith("loss ")
                                                     and k != "loss terms backward")
@@ -322,7 +346,7 @@ def bench_pretrain_profile(size: Size, device: torch.device, precision: str = "f
     import torch.nn.functional as F
 
     batch, crop = size.pretrain_batch, size.pretrain_crop
-    enc_q = DenseCLEncoder(size.arch.arch, 128).to(device).train()
+    enc_q = DenseCLEncoder(size.arch.backbone, 128).to(device).train()
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
     opt = torch.optim.SGD(enc_q.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     queue = F.normalize(torch.randn(128, 2048, device=device), dim=0)
@@ -396,7 +420,7 @@ def measure_one(spec: dict) -> dict:
     + peak memory."""
     torch.manual_seed(0)
     device = torch.device(spec["device"])
-    size = SIZES[spec["size"]]
+    size = size_named(spec["size"], spec.get("params", "params.yaml"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     extra = {"precision": spec["precision"]} if spec.get("precision") and spec["what"] in PRECISION_AWARE else {}
@@ -433,20 +457,21 @@ def cpu_peak(cpuinfo: str = "/proc/cpuinfo") -> dict:
     return {**peak_gflops(flags, torch.get_num_threads(), mhz), "mhz": mhz}
 
 
-def run(sizes: list[str], devices: list[str], whats: list[str] | None = None, timeout: float = 3600,
-        precisions: tuple[str, ...] = ("float32",)) -> dict:
+def run_benchmarks(names: list[str], devices: list[str], whats: list[str] | None = None, timeout: float = 3600,
+                   precisions: tuple[str, ...] = ("float32",), params: str | Path = "params.yaml") -> dict:
     """Every (device, size, measurement) in its own process; a failure (e.g. out of memory) is
     recorded with its last error line, the others still run. The training loops run in each of
     ``precisions`` at the demo size (at other sizes in float32 on the CPU: emulated bf16 takes minutes
-    a step there)."""
+    a step there). The demo's sizes are ``params``'s."""
     rows = []
     specs = []
     for device in devices:
-        for size in sizes:
+        for size in names:
             for what in whats or list(MEASURES):
                 cpu_only_fp32 = device == "cpu" and size != "demo"
                 for precision in (precisions if what in PRECISION_AWARE and not cpu_only_fp32 else ("float32",)):
-                    specs.append({"what": what, "size": size, "device": device, "precision": precision})
+                    specs.append({"what": what, "size": size, "device": device, "precision": precision,
+                                  "params": str(params)})
     for spec in specs:
         proc = subprocess.run([sys.executable, "-m", "efsolo.benchmark", "--one", json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout)
@@ -457,7 +482,7 @@ def run(sizes: list[str], devices: list[str], whats: list[str] | None = None, ti
             rows.append({**spec, "error": err[:300]})
         print(_row_text(rows[-1]), flush=True)
     return {"machine": machine(), "results": rows,
-            "sizes": {s: {**asdict(SIZES[s]), "arch": asdict(SIZES[s].arch)} for s in sizes}}
+            "sizes": {s: {**asdict(size_named(s, params)), "arch": asdict(size_named(s, params).arch)} for s in names}}
 
 
 def _share(r: dict) -> str:

@@ -88,12 +88,12 @@ def predict(inputs: list[str] = typer.Argument(..., help="Image files and/or fol
             device: str = typer.Option("auto", help="auto | cpu | cuda")) -> None:
     """Segment any images: COCO results json (RLE) and overlay PNGs; unreadable files are skipped and listed.
     Inference settings default to those the model file records (its stage's freesolo.test)."""
-    from efsolo.evaluation import predict as pr
+    from efsolo.evaluation.predict import predict_folder
     from efsolo.modeling.backbone import resolve_device
 
     def go() -> str:
         given = dict(score_threshold=score_threshold, max_per_image=max_per_image, maskness_power=maskness_power)
-        summary = pr.run(model, inputs, out, short_side, max_side, None,
+        summary = predict_folder(model, inputs, out, short_side, max_side, None,
                          resolve_device(device), overlay_min_score, overlays,
                          test_overrides={k: v for k, v in given.items() if v is not None})
         return (f"{summary['images']} images, {summary['instances']} instances, {summary['skipped']} skipped "
@@ -113,12 +113,12 @@ def seeds(seed: list[int] = typer.Option([0, 1, 2], "--seeds", help="Seeds to ru
           collect: bool = typer.Option(False, "--collect", help="Run nothing: summarise the finished "
                                                                 "experiments seed-N.")) -> None:
     """Run the whole pipeline for several seeds (a DVC experiment queue) and summarise mean ± std."""
-    from efsolo.evaluation import seeds as sd
+    from efsolo.evaluation.seeds import README_END, README_START, run_seeds, table
 
     def go() -> str:
-        text = sd.table(sd.run(list(seed), list(set_param), out, targets=list(target), only_collect=collect))
+        text = table(run_seeds(list(seed), list(set_param), out, targets=list(target), only_collect=collect))
         if readme:
-            pipeline.replace_between_markers(readme, sd.README_START, sd.README_END, text)
+            pipeline.replace_between_markers(readme, README_START, README_END, text)
         return text
 
     _run(go)

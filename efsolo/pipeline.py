@@ -1,4 +1,4 @@
-"""The pipeline's stages: each maps validated Params to one library ``run(...)`` with plain arguments.
+"""The pipeline's stages: each hands one library function its files and its settings objects.
 
 ``stages/*.py`` and the ``efsolo`` CLI both call these functions, so there is one wiring of
 params to code. Every path comes from ``params.yaml``'s ``paths`` (``Layout``), the keys that
@@ -97,15 +97,9 @@ def _precision(p: Params) -> str:
 
 
 def data(p: Params) -> dict:
-    from efsolo.data import datasets
+    from efsolo.data.datasets import prepare_dataset
 
-    files = Layout(p.paths)
-    d, s = p.data, p.data.synthetic
-    return datasets.run(files.data, source=d.source, seed=p.seed, train_images=d.train_images,
-                        val_images=d.val_images, val_annotations=d.val_annotations,
-                        voc_image_set=d.voc_image_set, num_train=s.num_train,
-                        num_val=s.num_val, image_size=s.image_size, min_objects=s.min_objects,
-                        max_objects=s.max_objects, look=s.look)
+    return prepare_dataset(Layout(p.paths).data, p.data, seed=p.seed)
 
 
 def backbone(p: Params) -> dict:
@@ -121,34 +115,21 @@ def backbone(p: Params) -> dict:
         files.live("backbone").mkdir(parents=True, exist_ok=True)
         files.checkpoints("backbone").mkdir(parents=True, exist_ok=True)
         return {"source": b.weights}
-    from efsolo.engine import pretrain
+    from efsolo.engine.pretrain import pretrain_backbone
 
-    t = b.pretrain
-    return pretrain.run(files.train_manifest, files.model("backbone"), files.checkpoints("backbone"), files.live("backbone"), arch=b.arch, seed=p.seed,
-                        iters=t.iters, batch_size=t.batch_size, crop_size=t.crop_size, lr=t.lr,
-                        weight_decay=t.weight_decay, momentum=t.momentum, queue_size=t.queue_size,
-                        temperature=t.temperature, dense_weight=t.dense_weight, proj_dim=t.proj_dim,
-                        color_jitter=t.color_jitter, grayscale_prob=t.grayscale_prob,
-                        log_every=p.runtime.pretrain.log_every, checkpoint_every=p.runtime.pretrain.checkpoint_every,
-                        device=_device(p), precision=_precision(p))
+    return pretrain_backbone(files.train_manifest, files.model("backbone"), files.checkpoints("backbone"),
+                             files.live("backbone"), arch=b.arch, seed=p.seed, settings=b.pretrain,
+                             runtime=p.runtime.pretrain, device=_device(p), precision=_precision(p))
 
 
 def freemask(p: Params) -> dict:
-    from efsolo.freemask import free_mask
+    from efsolo.freemask.free_mask import label_dataset
 
     files = Layout(p.paths)
-    f = p.freemask
-    return free_mask.run(files.train_manifest, files.val_manifest, files.model("backbone"), files.freemask, device=_device(p),
-                         feature_stride=f.feature_stride, feature_level=f.feature_level, seed=p.seed,
-                         short_side=f.short_side,
-                         max_side=f.max_side, query_scales=f.query_scales, mask_threshold=f.mask_threshold,
-                         min_pixels=f.min_pixels, nms=f.nms, nms_sigma=f.nms_sigma, fast_nms_iou=f.fast_nms_iou,
-                         keep_top=f.keep_top, pre_nms_top=f.pre_nms_top, score_threshold=f.score_threshold, max_box_width=f.max_box_width,
-                         top_exclude=f.top_exclude, split_components=f.split_components,
-                         component_min_fraction=f.component_min_fraction, embed_dim=f.embed_dim,
-                         embed_method=f.embed_method, batch_size=p.runtime.freemask.batch_size,
-                         shard_size=p.runtime.freemask.shard_size, shard_dir=files.checkpoints("freemask"),
-                         val_dir=files.predictions("freemask").parent, precision=_precision(p))
+    return label_dataset(files.train_manifest, files.val_manifest, files.model("backbone"), files.freemask,
+                         settings=p.freemask, runtime=p.runtime.freemask, seed=p.seed, device=_device(p),
+                         shard_dir=files.checkpoints("freemask"), val_dir=files.predictions("freemask").parent,
+                         precision=_precision(p))
 
 
 def _kwargs(settings: Any) -> dict:
@@ -157,8 +138,8 @@ def _kwargs(settings: Any) -> dict:
 
 
 def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
-    """The network and training settings of ``freesolo`` (its model, input, loss and solver
-    sections, and the ``runtime.freesolo`` intervals) as keyword arguments of ``train.train``."""
+    """The network and the settings objects ``train.train`` takes: ``freesolo``'s model (as the
+    network's ``SOLOArch``), solver, input and loss sections, and ``runtime.freesolo``."""
     import numpy as np
 
     from efsolo.modeling.solo_model import SOLOArch
@@ -167,19 +148,18 @@ def solo_training_kwargs(p: Params, embeddings: Path) -> dict:
     f, r = p.freesolo, p.runtime.freesolo
     with np.load(embeddings) as z:
         embed_dim = int(z["embeddings"].shape[1])
-    arch = SOLOArch(arch=p.backbone.arch, embed_dim=embed_dim, **_kwargs(f.model))
-    return dict(backbone=files.model("backbone"), arch=arch, seed=p.seed, losses=f.loss, **_kwargs(f.solver), **_kwargs(f.input),
-                log_every=r.log_every, checkpoint_every=r.checkpoint_every, eval_every=r.eval_every,
-                precision=_precision(p))
+    arch = SOLOArch(backbone=p.backbone.arch, embed_dim=embed_dim, **_kwargs(f.model))
+    return dict(backbone=files.model("backbone"), arch=arch, seed=p.seed, solver=f.solver, inputs=f.input,
+                losses=f.loss, runtime=r, precision=_precision(p))
 
 
 def freesolo(p: Params) -> dict:
-    from efsolo.engine import self_training as fs
+    from efsolo.engine.self_training import self_train
 
     files = Layout(p.paths)
     f = p.freesolo
     embeddings = files.freemask / "train_embeddings.npz"
-    return fs.run(labels=files.freemask / "train.json", embeddings=embeddings, val_manifest=files.val_manifest,
+    return self_train(labels=files.freemask / "train.json", embeddings=embeddings, val_manifest=files.val_manifest,
                   train_manifest=files.train_manifest, model_path=files.model("freesolo"), predictions_path=files.predictions("freesolo"),
                   stats_path=files.metrics / "train" / "freesolo.json", work_dir=files.checkpoints("freesolo"), live_dir=files.live("freesolo"), rounds=f.rounds,
                   relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=f.test,
@@ -233,10 +213,10 @@ def exemplar_freesolo(p: Params) -> dict:
     the pool is smaller than ``exemplar.min_pool``, or when the EEC engages (an image with a
     positive and a negative) on fewer than ``eec.min_frac_used`` of the images: before training,
     on the pool stage's measured cosines, and after it, on the training's own mean."""
-    from efsolo.engine import self_training as fs
+    from efsolo.engine.self_training import self_train
     from efsolo.exemplars.eec import (EECModule, ExemplarFeatures, engaged_fraction, engagement_error, load_objects,
                                       load_pool, make_eec_loss, selection_thresholds)
-    from efsolo.engine.resume import file_digest
+    from efsolo.data.images import file_sha256
     from efsolo.modeling.backbone import feature_channels
 
     files = Layout(p.paths)
@@ -260,7 +240,8 @@ def exemplar_freesolo(p: Params) -> dict:
     fixed = min(f.model.freeze_at, int(e.feature_level[1]) - 1)
     features = ExemplarFeatures(objects, pool_blob["view"], pool_blob["short_side"], pool_blob["max_side"], fixed) \
         if e.pool_refresh else None
-    extra_loss = make_eec_loss(pool_blob, e, thresholds, p.seed, options, guide, features)
+    extra_loss = make_eec_loss(pool_blob, eec=e, thresholds=thresholds, seed=p.seed, free_mask_options=options,
+                               guide_filters=guide, features=features)
     channels = feature_channels(p.backbone.arch)[e.feature_level]
     embeddings = files.freemask / "train_embeddings.npz"
     kwargs = solo_training_kwargs(p, embeddings)
@@ -268,7 +249,7 @@ def exemplar_freesolo(p: Params) -> dict:
                        exemplar_queries=pool_blob["pooled_queries"])
     # the guard's threshold is left out: lowering it after a refusal reuses the finished training
     eec_settings = {k: v for k, v in to_dict(e).items() if k != "min_frac_used"}
-    stats = fs.run(labels=files.freemask / "train.json", embeddings=embeddings, val_manifest=files.val_manifest,
+    stats = self_train(labels=files.freemask / "train.json", embeddings=embeddings, val_manifest=files.val_manifest,
                    train_manifest=files.train_manifest, model_path=files.model("exemplar_freesolo"),
                    predictions_path=files.predictions("exemplar_freesolo"),
                    stats_path=files.metrics / "train" / "exemplar_freesolo.json",
@@ -276,9 +257,9 @@ def exemplar_freesolo(p: Params) -> dict:
                    relabel_score=f.relabel_score, relabel_max=f.relabel_max, test=f.test, device=_device(p),
                    val_gt=files.val_gt, extra_modules={"eec": module}, extra_loss=extra_loss,
                    init_state=files.model("freesolo_start"),
-                   fingerprint_extra={"eec": eec_settings, "pool": file_digest(files.pool), "freemask_ops": options,
+                   fingerprint_extra={"eec": eec_settings, "pool": file_sha256(files.pool), "freemask_ops": options,
                                       "guide": guide, "min_pool": p.exemplar.min_pool,
-                                      "init_state": file_digest(files.model("freesolo_start"))},
+                                      "init_state": file_sha256(files.model("freesolo_start"))},
                    extra_stats={"thresholds": {"positive_cosine": round(thresholds[0], 4),
                                                "negative_cosine": round(thresholds[1], 4)}}, **kwargs)
     used = stats["round1"].get("extra_mean", {}).get("frac_used")
@@ -293,23 +274,23 @@ def exemplar_freesolo(p: Params) -> dict:
 def evaluate(p: Params, model: str, predictions: str | Path | None = None) -> dict:
     """Class-agnostic COCO evaluation of a model's val predictions (by default those the
     pipeline writes for it) into ``metrics/<model>.json`` and ``metrics/pr/<model>/``."""
-    from efsolo.evaluation import evaluate as ev
+    from efsolo.evaluation.evaluate import write_metrics
 
     files = Layout(p.paths)
     if predictions is None:
         if model not in MODELS:
             raise EfsoloError(f"unknown model {model!r}; one of {', '.join(MODELS)}, or pass --predictions")
         predictions = files.predictions(model)
-    return ev.run(files.val_gt, predictions, files.metrics / f"{model}.json", files.metrics / "pr" / model)
+    return write_metrics(files.val_gt, predictions, files.metrics / f"{model}.json", files.metrics / "pr" / model)
 
 
 def report(p: Params) -> dict:
-    from efsolo.evaluation import report as rp
+    from efsolo.evaluation.report import write_overlays
 
     files = Layout(p.paths)
     r = p.report
     titles = {"freemask": "Free Mask", "freesolo": "FreeSOLO", "exemplar_freesolo": "Exemplar-FreeSOLO"}
-    return rp.run(files.val_manifest, files.val_gt, {titles[m]: files.predictions(m) for m in p.models}, files.overlays, num_images=r.num_images, seed=p.seed,
+    return write_overlays(files.val_manifest, files.val_gt, {titles[m]: files.predictions(m) for m in p.models}, files.overlays, num_images=r.num_images, seed=p.seed,
                   min_score=r.min_score, max_instances=r.max_instances)
 
 

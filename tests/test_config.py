@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_and_roundtrip_of_repo_params():
     p = load_params("params.yaml")
     assert p.data.source == "synthetic"
-    assert p.freemask.feature_stride in (8, 16, 32)
+    assert p.freemask.trunk_output_stride in (8, 16, 32)
 
 
 def test_single_folder_becomes_tuple():
@@ -25,6 +25,7 @@ def test_single_folder_becomes_tuple():
     ({"device": "cpu"}, "unknown key device: it moved to runtime.device"),
     ({"freesolo": {"eval_every": 100}}, "unknown key freesolo.eval_every: it moved to runtime.freesolo.eval_every"),
     ({"freesolo": {"iters": 100}}, "unknown key freesolo.iters: it moved to freesolo.solver.iters"),
+    ({"freemask": {"feature_stride": 32}}, "unknown key freemask.feature_stride: it moved to freemask.trunk_output_stride"),
     ({"freesolo": {"test_maskness_power": 2}}, "it moved to freesolo.test.maskness_power"),
     ({"freesolo": {"test": {"maskness_power": 0}}}, "freesolo.test.maskness_power must be > 0"),
     ({"freesolo": {"loss": {"scale_ranges": [[1, 2]]}}}, "freesolo.loss.scale_ranges must be 5"),
@@ -32,7 +33,7 @@ def test_single_folder_becomes_tuple():
     ({"backbone": {"pretrain": {"log_every": 5}}}, "it moved to runtime.pretrain.log_every"),
     ({"seed": "x"}, "seed must be an integer"),
     ({"data": {"source": "imagenet"}}, "data.source must be one of"),
-    ({"freemask": {"feature_stride": 4}}, "freemask.feature_stride must be one of"),
+    ({"freemask": {"trunk_output_stride": 4}}, "freemask.trunk_output_stride must be one of"),
     ({"backbone": {"pretrain": {"lr": -1}}}, "backbone.pretrain.lr must be > 0"),
     ({"backbone": {"pretrain": {"color_jitter": 1.5}}}, "backbone.pretrain.color_jitter must be in [0, 1]"),
     ({"backbone": {"pretrain": {"grayscale_prob": -0.1}}}, "backbone.pretrain.grayscale_prob must be in [0, 1]"),
@@ -119,13 +120,43 @@ def test_modules_take_the_schema_sections_themselves():
         is config.TestSettings
     assert train.LossSettings is config.LossSettings and issubclass(SOLOArch, config.ModelSettings)
     assert {f.name for f in dataclasses.fields(SOLOArch)} - {f.name for f in dataclasses.fields(config.ModelSettings)} \
-        == {"arch", "embed_dim"}
+        == {"backbone", "embed_dim"}
     sections = {f.name: f.type for f in dataclasses.fields(config.FreeSOLOParams)}
     assert {sections[k] for k in ("model", "input", "loss", "solver", "test")} == {
         "ModelSettings", "InputSettings", "LossSettings", "SolverSettings", "TestSettings"}
     p = params_from_dict({"freesolo": {"solver": {"lr": 0.5}, "test": {"maskness_power": 2.0}}})
     kwargs = pipeline_kwargs(p)
-    assert kwargs["lr"] == 0.5 and kwargs["losses"] is p.freesolo.loss and kwargs["iters"] == 30000
+    assert kwargs["solver"] is p.freesolo.solver and kwargs["solver"].lr == 0.5 and kwargs["losses"] is p.freesolo.loss
+    assert kwargs["inputs"] is p.freesolo.input and kwargs["runtime"] is p.runtime.freesolo
+
+
+def test_each_stage_function_takes_its_settings_object_whole():
+    """Free Mask takes ``freemask``, the pretraining ``backbone.pretrain``, the training the solver,
+    input, loss and runtime sections, the data stage ``data``: no keyword walls of copied fields."""
+    import dataclasses
+    import typing
+
+    from efsolo import config
+    from efsolo.data.datasets import prepare_dataset
+    from efsolo.engine.pretrain import pretrain_backbone
+    from efsolo.engine.train import train
+    from efsolo.freemask.free_mask import label_dataset
+
+    def hints(fn):
+        return typing.get_type_hints(fn)
+
+    assert hints(label_dataset)["settings"] is config.FreeMaskParams
+    assert hints(label_dataset)["runtime"] is config.FreeMaskRuntime
+    assert hints(pretrain_backbone)["settings"] is config.PretrainParams
+    assert hints(prepare_dataset)["settings"] is config.DataParams
+    h = hints(train)
+    assert (h["solver"], h["inputs"], h["losses"], h["runtime"]) == (
+        config.SolverSettings, config.InputSettings, config.LossSettings, config.TrainingRuntime)
+    copied = {(label_dataset, config.FreeMaskParams), (pretrain_backbone, config.PretrainParams),
+              (prepare_dataset, config.SyntheticParams), (train, config.SolverSettings), (train, config.InputSettings)}
+    for fn, section in copied:  # no field of the section comes as its own argument
+        fields = {f.name for f in dataclasses.fields(section)}
+        assert not fields & set(hints(fn)), (fn.__name__, sorted(fields & set(hints(fn))))
 
 
 def pipeline_kwargs(p):

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 
@@ -6,8 +7,16 @@ import numpy as np
 import pytest
 
 from efsolo.data.coco_format import decode_mask, mask_annotation
-from efsolo.data.datasets import DataError, run
+from efsolo.config import DataParams, SyntheticParams
+from efsolo.data.datasets import DataError, prepare_dataset
 from efsolo.data.synthetic import NUM_KINDS, contrast_with_surroundings, indistinct, make_scene
+
+
+def _prepare(out, source, seed, **kw):
+    """prepare_dataset with ``data`` built from keyword arguments (synthetic sizes included)."""
+    names = {f.name for f in dataclasses.fields(SyntheticParams)}
+    synthetic = SyntheticParams(**{k: kw.pop(k) for k in list(kw) if k in names})
+    return prepare_dataset(out, DataParams(source=source, synthetic=synthetic, **kw), seed=seed)
 
 
 def _write_images(folder, n, size=(20, 30)):
@@ -47,7 +56,7 @@ def test_the_default_look_is_unchanged_and_the_photo_look_differs():
 
 
 def test_synthetic_run_writes_manifests_and_gt(tmp_path):
-    report = run(tmp_path, "synthetic", seed=0, num_train=4, num_val=3, image_size=64)
+    report = _prepare(tmp_path, "synthetic", seed=0, num_train=4, num_val=3, image_size=64)
     assert report["train_images"] == 4 and report["val_images"] == 3 and report["skipped"] == []
     manifest = json.loads((tmp_path / "train.json").read_text())
     rec = manifest["images"][0]
@@ -112,7 +121,7 @@ def _coco(tmp_path):
 def test_coco_source_is_class_agnostic_and_skips_bad_images(tmp_path):
     val = _coco(tmp_path)
     out = tmp_path / "out"
-    report = run(out, "coco", seed=0, train_images=(str(tmp_path / "train_a"), str(tmp_path / "train_b")),
+    report = _prepare(out, "coco", seed=0, train_images=(str(tmp_path / "train_a"), str(tmp_path / "train_b")),
                  val_images=(str(val),), val_annotations=str(tmp_path / "instances_val.json"))
     assert report["train_images"] == 4 and report["val_images"] == 3
     skipped = {s["file"].split("/")[-1]: s["reason"] for s in report["skipped"]}
@@ -128,23 +137,23 @@ def test_coco_source_is_class_agnostic_and_skips_bad_images(tmp_path):
 
 def test_missing_paths_and_empty_sets_stop_with_one_line(tmp_path):
     with pytest.raises(DataError, match="nowhere: no such folder"):
-        run(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "nowhere"),), val_images=("x",))
+        _prepare(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "nowhere"),), val_images=("x",))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no image files"):
-        run(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "empty"),), val_images=("x",))
+        _prepare(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "empty"),), val_images=("x",))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.jpg").write_bytes(b"nope")
     with pytest.raises(DataError, match="no readable images"):
-        run(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "bad"),), val_images=("x",))
+        _prepare(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "bad"),), val_images=("x",))
     _write_images(tmp_path / "imgs", 2)
     with pytest.raises(Exception, match="ann.json: no such file"):
-        run(tmp_path / "o", "coco", seed=0, train_images=(str(tmp_path / "imgs"),),
+        _prepare(tmp_path / "o", "coco", seed=0, train_images=(str(tmp_path / "imgs"),),
             val_images=(str(tmp_path / "imgs"),), val_annotations=str(tmp_path / "ann.json"))
 
 
 def test_folder_source_has_no_ground_truth(tmp_path):
     _write_images(tmp_path / "mine", 3)
-    run(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "mine"),),
+    _prepare(tmp_path / "o", "folder", seed=0, train_images=(str(tmp_path / "mine"),),
         val_images=(str(tmp_path / "mine"),))
     gt = json.loads((tmp_path / "o" / "val_gt.json").read_text())
     assert gt["info"]["has_ground_truth"] is False and gt["annotations"] == [] and len(gt["images"]) == 3
@@ -164,7 +173,7 @@ def test_uvo_style_json_with_polygons_and_frame_folders_loads_and_evaluates(tmp_
     (tmp_path / "uvo_val.json").write_text(json.dumps({"images": images, "annotations": anns,
                                                        "categories": [{"id": 1, "name": "object"}]}))
     _write_images(tmp_path / "coco_train", 2)
-    report = run(tmp_path / "o", "coco", seed=0, train_images=(str(tmp_path / "coco_train"),),
+    report = _prepare(tmp_path / "o", "coco", seed=0, train_images=(str(tmp_path / "coco_train"),),
                  val_images=(str(frames),), val_annotations=str(tmp_path / "uvo_val.json"))
     assert report["val_images"] == 2 and report["skipped"] == []
     gt = json.loads((tmp_path / "o" / "val_gt.json").read_text())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY, mask_annotation
-from efsolo.evaluation.evaluate import as_results, evaluate, results_table, run
+from efsolo.evaluation.evaluate import as_results, evaluate, results_table, write_metrics
 
 
 def _gt():
@@ -46,7 +46,7 @@ def test_wrong_predictions_give_zero_and_dataset_input(tmp_path):
             "categories": [AGNOSTIC_CATEGORY]}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "pred.json").write_text(json.dumps(pred))
-    metrics = run(tmp_path / "gt.json", tmp_path / "pred.json", tmp_path / "m" / "x.json", tmp_path / "pr")
+    metrics = write_metrics(tmp_path / "gt.json", tmp_path / "pred.json", tmp_path / "m" / "x.json", tmp_path / "pr")
     assert metrics["segm"]["AP"] == 0.0
     saved = json.loads((tmp_path / "m" / "x.json").read_text())
     assert set(saved["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 
+from efsolo.config import DataParams, SyntheticParams
 from efsolo.data import datasets
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_choose_mask_rule():
 
 
 def test_run_crops_is_seeded_and_lists_what_it_writes(tmp_path):
-    datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=6, num_val=1, image_size=64)
+    datasets.prepare_dataset(tmp_path / "data", DataParams(synthetic=SyntheticParams(num_train=6, num_val=1, image_size=64)), seed=0)
     a = run_crops(tmp_path / "data" / "train.json", tmp_path / "a", num_images=4, seed=3, rect_margin=0.05,
                   iterations=3, crop_margin=0.1)
     run_crops(tmp_path / "data" / "train.json", tmp_path / "b", num_images=4, seed=3, rect_margin=0.05,
@@ -71,11 +72,11 @@ def test_refine_falls_back_to_the_grabcut_mask_and_reports_sources(tmp_path, fal
     from efsolo.modeling.solo_model import SOLO, SOLOArch
     from efsolo.modeling.model_io import save_model
 
-    datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=6, num_val=1, image_size=64)
+    datasets.prepare_dataset(tmp_path / "data", DataParams(synthetic=SyntheticParams(num_train=6, num_val=1, image_size=64)), seed=0)
     crops = run_crops(tmp_path / "data" / "train.json", tmp_path / "ex", num_images=4, seed=3, rect_margin=0.05,
                       iterations=3, crop_margin=0.1)["crops"]
     torch.manual_seed(0)
-    arch = SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16, kernel_dim=8,
+    arch = SOLOArch(backbone="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16, kernel_dim=8,
                     embed_dim=4, grids=(8, 6, 4, 3, 2))
     save_model(tmp_path / "m.pt", SOLO(arch), {"input_size": [64, 64]})
     out = run_refine(tmp_path / "ex" / "crops.json", tmp_path / "m.pt", tmp_path / "ex",

@@ -19,6 +19,7 @@ whole set and requires the masks to keep their shape.
 """
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ import torch
 import yaml
 
 from efsolo import pipeline
-from efsolo.engine import resume
+from efsolo.utils.seeding import seed_everything
 from efsolo.config import params_from_dict
 from efsolo.engine.health import mask_fit
 from efsolo.data.pseudo_labels import PseudoLabelSet, make_batch
@@ -102,9 +103,10 @@ def test_demo_training_settings_fit_one_fixed_batch(demo_like, monkeypatch, lr_f
     full["annotations"] = [a for a in full["annotations"] if a["image_id"] in ids]
     subset.write_text(json.dumps(full))
     kw = pipeline.solo_training_kwargs(p, emb)
-    kw.update(iters=ITERS, batch_size=IMAGES, log_every=ITERS, checkpoint_every=ITERS, lr=kw["lr"] * lr_factor)
-    batch = make_batch([data.load(i) for i in chosen], max(kw["train_short_sides"]), kw["max_side"], [False] * IMAGES)
-    resume.seed_everything(kw["seed"])  # the initial network train() starts from
+    kw.update(solver=replace(kw["solver"], iters=ITERS, batch_size=IMAGES, lr=kw["solver"].lr * lr_factor),
+              runtime=replace(kw["runtime"], log_every=ITERS, checkpoint_every=ITERS))
+    batch = make_batch([data.load(i) for i in chosen], max(kw["inputs"].train_short_sides), kw["inputs"].max_side, [False] * IMAGES)
+    seed_everything(kw["seed"])  # the initial network train() starts from
     before = mask_fit(build_model(kw["arch"], kw["backbone"]), batch, kw["losses"], 10**9)
     out = root / f"fit_lr{lr_factor}"
     train(labels=subset, embeddings=emb, out_path=out / "model.pt", ckpt_dir=out / "ckpt", live_dir=out / "live",
@@ -132,9 +134,9 @@ def test_demo_training_settings_do_not_collapse_on_the_photo_look(photo_like, mo
     monkeypatch.chdir(root)
     labels, emb, data, chosen = _pseudo_labels(p, IMAGES)
     kw = pipeline.solo_training_kwargs(p, emb)
-    kw.update(iters=ITERS, log_every=ITERS, checkpoint_every=ITERS)
-    batch = make_batch([data.load(i) for i in chosen], max(kw["train_short_sides"]), kw["max_side"], [False] * IMAGES)
-    resume.seed_everything(kw["seed"])
+    kw.update(solver=replace(kw["solver"], iters=ITERS), runtime=replace(kw["runtime"], log_every=ITERS, checkpoint_every=ITERS))
+    batch = make_batch([data.load(i) for i in chosen], max(kw["inputs"].train_short_sides), kw["inputs"].max_side, [False] * IMAGES)
+    seed_everything(kw["seed"])
     before = mask_fit(build_model(kw["arch"], kw["backbone"]), batch, kw["losses"], 10**9)
     out = root / "fit_full"
     train(labels=labels, embeddings=emb, out_path=out / "model.pt", ckpt_dir=out / "ckpt", live_dir=out / "live",

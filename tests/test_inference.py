@@ -61,7 +61,7 @@ def test_low_scores_give_no_instances_and_predict_image_runs():
     soft, scores, emb = postprocess(out, 0, Settings())
     assert soft.shape[0] == scores.shape[0] == emb.shape[0] == 0
     torch.manual_seed(0)
-    model = SOLO(SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16,
+    model = SOLO(SOLOArch(backbone="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16,
                           kernel_dim=8, embed_dim=4, grids=(8, 6, 4, 3, 2))).eval()
     masks, scores, emb = predict_image(model, np.zeros((40, 50, 3), np.uint8), 64, 96, Settings(),
                                        torch.device("cpu"))

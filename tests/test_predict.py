@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from efsolo.cli import app
 from efsolo.data.coco_format import decode_mask, mask_box
 from efsolo.utils.errors import EfsoloError
-from efsolo.evaluation.predict import collect_images, run
+from efsolo.evaluation.predict import collect_images, predict_folder
 from efsolo.modeling.solo_model import SOLO, SOLOArch
 from efsolo.modeling.inference import TestSettings as Settings
 from efsolo.modeling.model_io import model_test_settings, save_model
@@ -19,7 +19,7 @@ from efsolo.modeling.model_io import model_test_settings, save_model
 def model_file(tmp_path):
     """A tiny network whose every cell is confident and whose kernels all pick mask channel 0."""
     torch.manual_seed(0)
-    model = SOLO(SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16,
+    model = SOLO(SOLOArch(backbone="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16,
                           kernel_dim=8, embed_dim=4, grids=(8, 6, 4, 3, 2)))
     with torch.no_grad():
         model.head.cate_pred.bias.fill_(5.0)
@@ -43,7 +43,7 @@ def _images(tmp_path):
 def test_predict_writes_coco_results_overlays_and_skips_corrupt_files(tmp_path, model_file):
     _images(tmp_path)
     out = tmp_path / "out"
-    summary = run(model_file, [str(tmp_path / "a"), str(tmp_path / "b" / "x.png")], out)
+    summary = predict_folder(model_file, [str(tmp_path / "a"), str(tmp_path / "b" / "x.png")], out)
     assert summary["images"] == 3 and summary["skipped"] == 1 and summary["instances"] > 0
     skipped = json.loads((out / "skipped.json").read_text())
     assert skipped[0]["file"].endswith("broken.jpg") and "not a readable image" in skipped[0]["reason"]
@@ -100,3 +100,16 @@ def test_predict_defaults_to_the_inference_settings_the_model_records(tmp_path, 
         scores[name] = [r["score"] for r in json.loads((tmp_path / name / "results.json").read_text())]
     assert len(scores["own"]) == 2 and len(scores["override"]) > 2
     assert max(scores["own"]) < max(scores["override"])  # maskness < 1, so its 4th power lowers scores
+
+
+def test_a_model_file_from_before_the_backbone_key_loads(tmp_path, model_file):
+    """Files written when SOLOArch named its trunk ``arch`` (before ``backbone``) load unchanged."""
+    from efsolo.modeling.model_io import load_model
+
+    blob = torch.load(model_file, weights_only=True)
+    blob["arch"] = {("arch" if k == "backbone" else k): v for k, v in blob["arch"].items()}
+    old = tmp_path / "old.pt"
+    torch.save(blob, old)
+    model = load_model(old)
+    assert model.arch.backbone == "resnet18"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), load_model(model_file).state_dict().values()))

@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from efsolo.config import DataParams, SyntheticParams
 from efsolo.data import datasets
+from efsolo.config import PretrainParams, PretrainRuntime
 from efsolo.engine import pretrain
 from efsolo.engine import resume
 
@@ -66,15 +68,16 @@ def test_colour_augmentation_is_a_setting_and_off_keeps_colours():
 
 
 def _tiny_run(tmp, ckpt, iters=4):
-    return pretrain.run(tmp / "data" / "train.json", tmp / f"{ckpt}.pt", tmp / ckpt, tmp / f"live_{ckpt}",
-                        arch="resnet18", seed=0, iters=iters, batch_size=2, crop_size=32, lr=0.05,
-                        weight_decay=1e-4, momentum=0.9, queue_size=4, temperature=0.2, dense_weight=0.5,
-                        proj_dim=8, color_jitter=0.4, grayscale_prob=0.2, log_every=1, checkpoint_every=2,
-                        device=torch.device("cpu"))
+    settings = PretrainParams(iters=iters, batch_size=2, crop_size=32, lr=0.05, weight_decay=1e-4, momentum=0.9,
+                              queue_size=4, temperature=0.2, dense_weight=0.5, proj_dim=8, color_jitter=0.4,
+                              grayscale_prob=0.2)
+    return pretrain.pretrain_backbone(tmp / "data" / "train.json", tmp / f"{ckpt}.pt", tmp / ckpt, tmp / f"live_{ckpt}",
+                                      arch="resnet18", seed=0, settings=settings,
+                                      runtime=PretrainRuntime(log_every=1, checkpoint_every=2), device=torch.device("cpu"))
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch):
-    datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=4, num_val=1, image_size=48)
+    datasets.prepare_dataset(tmp_path / "data", DataParams(synthetic=SyntheticParams(num_train=4, num_val=1, image_size=48)), seed=0)
     _tiny_run(tmp_path, "straight")
     straight = torch.load(tmp_path / "straight.pt", weights_only=True)["state_dict"]
 
@@ -95,7 +98,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch)
 
 
 def test_zero_iterations_writes_seeded_random_init(tmp_path):
-    datasets.run(tmp_path / "data", "synthetic", seed=0, num_train=2, num_val=1, image_size=48)
+    datasets.prepare_dataset(tmp_path / "data", DataParams(synthetic=SyntheticParams(num_train=2, num_val=1, image_size=48)), seed=0)
     for name in ("a", "b"):
         _tiny_run(tmp_path, name, iters=0)
     a = torch.load(tmp_path / "a.pt", weights_only=True)

@@ -7,7 +7,7 @@ import torch
 
 from efsolo.data.coco_format import mask_annotation
 from efsolo.evaluation.overlay import draw_annotations, draw_instances, palette, side_by_side
-from efsolo.evaluation.report import run, sample_ids
+from efsolo.evaluation.report import sample_ids, write_overlays
 
 
 def test_draw_instances_colours_masks_and_keeps_the_rest():
@@ -50,7 +50,7 @@ def test_report_draws_a_seeded_sample_under_every_model(tmp_path):
     out = tmp_path / "overlays"
     (out).mkdir()
     (out / "stale.png").write_bytes(b"x")
-    res = run(tmp_path / "val.json", tmp_path / "gt.json", {"A": tmp_path / "pred.json", "B": tmp_path / "pred.json"},
+    res = write_overlays(tmp_path / "val.json", tmp_path / "gt.json", {"A": tmp_path / "pred.json", "B": tmp_path / "pred.json"},
               out, num_images=3, seed=0, min_height=80)
     assert res["panels"] == ["ground truth", "A", "B"] and len(res["images"]) == 3
     assert sorted(p.name for p in out.glob("*.png")) == sorted(res["images"])
@@ -66,7 +66,7 @@ def test_benchmark_measures_and_tabulates(tmp_path):
 
     row = benchmark.measure_one({"what": "train_step", "size": "tiny", "device": "cpu"})
     assert row["images_per_second"] > 0 and row["tflop_per_step"] > 0 and row["peak_rss_mib"] > 0
-    bench = benchmark.run(["tiny"], ["cpu"], ["inference"])
+    bench = benchmark.run_benchmarks(["tiny"], ["cpu"], ["inference"])
     assert bench["results"][0]["images_per_second"] > 0
     text = benchmark.table({**bench, "results": bench["results"] + [row, {"what": "freemask", "size": "paper",
                                                                            "device": "cpu", "error": "out of memory"}]})

@@ -71,7 +71,7 @@ def test_the_eec_diagnostics_of_each_seed_are_kept():
 def test_collect_reads_experiments_of_every_commit_and_names_the_missing(monkeypatch):
     import json
 
-    from efsolo.evaluation import seeds as sd
+    from efsolo.evaluation import seeds
     from efsolo.utils.errors import EfsoloError
 
     calls = []
@@ -84,8 +84,8 @@ def test_collect_reads_experiments_of_every_commit_and_names_the_missing(monkeyp
         calls.append(args)
         return json.dumps(older if "--all-commits" in args else older[:1])
 
-    monkeypatch.setattr(sd, "_dvc", fake_dvc)
-    assert sd.collect(["seed-1"])["seed-1"]["freesolo"]["segm"]["AP"] == 0.20
+    monkeypatch.setattr(seeds, "_dvc", fake_dvc)
+    assert seeds.collect(["seed-1"])["seed-1"]["freesolo"]["segm"]["AP"] == 0.20
     assert calls == [("exp", "show", "--json", "--all-commits")]
     with pytest.raises(EfsoloError, match="no finished experiment seed-2"):
-        sd.collect(["seed-1", "seed-2"])
+        seeds.collect(["seed-1", "seed-2"])

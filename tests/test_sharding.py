@@ -1,6 +1,7 @@
 import json
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -9,13 +10,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from efsolo.config import FreeMaskParams, FreeMaskRuntime
 from efsolo.freemask import free_mask
 from efsolo.modeling.backbone import ResNetTrunk, save_backbone
-from efsolo.utils.sharding import merge_shards, mine, shard_slices
+from efsolo.freemask.sharding import merge_shards, mine, shard_slices
 
-OPTIONS = dict(feature_level="c3", short_side=64, max_side=96, query_scales=(0.5,), mask_threshold=0.5, min_pixels=1,
-               nms="matrix", nms_sigma=2.0, fast_nms_iou=0.5, keep_top=5, pre_nms_top=0, score_threshold=0.0,
-               max_box_width=1.0, top_exclude=0.0, embed_dim=8, embed_method="linear", batch_size=2)
+SETTINGS = FreeMaskParams(feature_level="c3", trunk_output_stride=32, short_side=64, max_side=96, query_scales=(0.5,),
+                          mask_threshold=0.5, min_pixels=1, nms="matrix", nms_sigma=2.0, fast_nms_iou=0.5, keep_top=5,
+                          pre_nms_top=0, score_threshold=0.0, max_box_width=1.0, top_exclude=0.0, embed_dim=8,
+                          embed_method="linear")
 
 
 def test_shard_slices_and_ownership():
@@ -42,8 +45,9 @@ def _setup(tmp_path):
 
 
 def _label(root, out, shard_size, **kw):
-    return free_mask.run(root / "train.json", root / "val.json", root / "backbone.pt", out, torch.device("cpu"),
-                         feature_stride=32, seed=0, shard_size=shard_size, shard_dir=out / "shards", **OPTIONS, **kw)
+    return free_mask.label_dataset(root / "train.json", root / "val.json", root / "backbone.pt", out,
+                                   settings=SETTINGS, runtime=FreeMaskRuntime(batch_size=2, shard_size=shard_size),
+                                   seed=0, device=torch.device("cpu"), shard_dir=out / "shards", **kw)
 
 
 def _outputs(out):
@@ -75,9 +79,9 @@ def test_shards_merge_like_one_pass_and_resume_shard_by_shard(tmp_path, monkeypa
     assert _outputs(tmp_path / "sharded")[0] == b
     # other settings: every shard again
     calls.clear()
-    free_mask.run(root / "train.json", root / "val.json", root / "backbone.pt", tmp_path / "sharded",
-                  torch.device("cpu"), feature_stride=32, seed=0, shard_size=2, shard_dir=tmp_path / "sharded" / "shards",
-                  **{**OPTIONS, "keep_top": 3})
+    free_mask.label_dataset(root / "train.json", root / "val.json", root / "backbone.pt", tmp_path / "sharded",
+                            settings=replace(SETTINGS, keep_top=3), runtime=FreeMaskRuntime(batch_size=2, shard_size=2),
+                            seed=0, device=torch.device("cpu"), shard_dir=tmp_path / "sharded" / "shards")
     assert len(calls) == 6
 
 

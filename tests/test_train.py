@@ -1,4 +1,5 @@
 """Training: resume-after-interrupt equivalence, 2-process DDP (gloo) vs one process, non-finite stop."""
+import dataclasses
 import json
 import os
 import socket
@@ -8,22 +9,24 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from efsolo.config import DataParams, SyntheticParams
 from efsolo.data import datasets
 from efsolo.engine import resume
+from efsolo.engine.live import make_live
 from efsolo.modeling.backbone import ResNetTrunk, save_backbone
 from efsolo.modeling.solo_model import SOLOArch
-from efsolo.config import LossSettings
+from efsolo.config import InputSettings, LossSettings, SolverSettings, TrainingRuntime
 from efsolo.engine.train import TrainingError, train
 from efsolo.modeling.model_io import load_model
 
-ARCH = SOLOArch(arch="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16, kernel_dim=8,
+ARCH = SOLOArch(backbone="resnet18", fpn_channels=16, head_channels=16, head_convs=1, mask_channels=16, kernel_dim=8,
                 embed_dim=4, grids=(8, 6, 4, 3, 2))
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    datasets.run(root / "data", "synthetic", seed=0, num_train=4, num_val=1, image_size=64)
+    datasets.prepare_dataset(root / "data", DataParams(synthetic=SyntheticParams(num_train=4, num_val=1, image_size=64)), seed=0)
     gt = json.loads((root / "data" / "train_gt.json").read_text())
     for a in gt["annotations"]:
         a["score"] = 1.0
@@ -35,12 +38,23 @@ def tiny(tmp_path_factory):
     return root
 
 
+SOLVER = SolverSettings(iters=4, batch_size=2, lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_iters=2,
+                        warmup_factor=0.1, clip_grad_norm=35.0, lr_steps=())
+INPUTS = InputSettings(train_short_sides=(64,), max_side=64, copy_paste_prob=0.5)
+RUNTIME = TrainingRuntime(log_every=1, checkpoint_every=2)
+
+
 def _kwargs(root, name, **over):
+    """train()'s arguments on the tiny set; an override of a solver, input or runtime field
+    replaces it in that settings object."""
+    sections = {"solver": SOLVER, "inputs": INPUTS, "runtime": RUNTIME}
+    for key, obj in sections.items():
+        fields = {f.name for f in dataclasses.fields(obj)}
+        mine = {k: over.pop(k) for k in list(over) if k in fields}
+        sections[key] = dataclasses.replace(obj, **mine)
     kw = dict(labels=root / "labels.json", embeddings=root / "emb.npz", backbone=root / "backbone.pt",
               out_path=root / f"{name}.pt", ckpt_dir=root / name, live_dir=root / f"live_{name}", arch=ARCH, seed=0,
-              iters=4, batch_size=2, lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_iters=2, warmup_factor=0.1, clip_grad_norm=35.0,
-              train_short_sides=(64,), max_side=64, losses=LossSettings(pairwise_warmup=2), copy_paste_prob=0.5, log_every=1, checkpoint_every=2,
-              device=torch.device("cpu"))
+              losses=LossSettings(pairwise_warmup=2), device=torch.device("cpu"), **sections)
     kw.update(over)
     return kw
 
@@ -99,7 +113,7 @@ def test_a_resumed_run_keeps_its_curves_up_to_the_checkpoint(tmp_path):
     """dvc.yaml persists the DVCLive folders: a run resumed at step 3 keeps the points up to 3
     and drops those the interrupted run logged after its last checkpoint; a fresh run starts
     with empty curves."""
-    live = resume.make_live(tmp_path)
+    live = make_live(tmp_path)
     for step in range(1, 6):
         live.step = step
         live.log_metric("train/loss", 10.0 - step)
@@ -107,13 +121,13 @@ def test_a_resumed_run_keeps_its_curves_up_to_the_checkpoint(tmp_path):
     live.end()
     tsv = tmp_path / "plots" / "metrics" / "train" / "loss.tsv"
     assert [r.split()[0] for r in tsv.read_text().splitlines()[1:]] == ["1", "2", "3", "4", "5"]
-    live = resume.make_live(tmp_path, resume_at=3)
+    live = make_live(tmp_path, resume_at=3)
     live.step = 4
     live.log_metric("train/loss", 0.5)
     live.end()
     assert [r.split()[:2] for r in tsv.read_text().splitlines()[1:]] == [["1", "9.0"], ["2", "8.0"], ["3", "7.0"],
                                                                          ["4", "0.5"]]
-    resume.make_live(tmp_path).end()
+    make_live(tmp_path).end()
     assert not tsv.exists()
 
 
@@ -294,13 +308,13 @@ def test_cuda_bf16_training_and_inference(tiny):
 
 
 def test_two_rounds_relabel_the_training_set(tiny):
-    from efsolo.engine import self_training as freesolo
+    from efsolo.engine import self_training
     from efsolo.modeling.inference import TestSettings as Settings
 
     kw = _kwargs(tiny, "unused", iters=2)
     for k in ("labels", "embeddings", "out_path", "ckpt_dir", "live_dir", "device"):
         kw.pop(k)
-    stats = freesolo.run(labels=tiny / "labels.json", embeddings=tiny / "emb.npz",
+    stats = self_training.self_train(labels=tiny / "labels.json", embeddings=tiny / "emb.npz",
                          val_manifest=tiny / "data" / "val.json", train_manifest=tiny / "data" / "train.json",
                          model_path=tiny / "rounds" / "model.pt", predictions_path=tiny / "rounds" / "val.json",
                          stats_path=tiny / "rounds" / "stats.json", work_dir=tiny / "rounds" / "work",
@@ -324,7 +338,7 @@ def test_val_predictions_reuse_the_curves_last_point_and_equal_a_fresh_predictio
     predictions are that point's (no second pass over val), and they equal what the saved
     model file predicts."""
     from efsolo.data.datasets import load_manifest
-    from efsolo.engine import self_training as freesolo
+    from efsolo.engine import self_training
     from efsolo.modeling.inference import TestSettings as Settings, predict_records
 
     test = Settings(short_side=64, max_side=64, score_threshold=0.0, update_threshold=0.0, mask_threshold=0.3)
@@ -334,12 +348,13 @@ def test_val_predictions_reuse_the_curves_last_point_and_equal_a_fresh_predictio
 
     def run(name, eval_every):
         d = tiny / name
-        return d, freesolo.run(labels=tiny / "labels.json", embeddings=tiny / "emb.npz",
+        return d, self_training.self_train(labels=tiny / "labels.json", embeddings=tiny / "emb.npz",
                                val_manifest=tiny / "data" / "val.json", train_manifest=tiny / "data" / "train.json",
                                val_gt=tiny / "data" / "val_gt.json", model_path=d / "model.pt",
                                predictions_path=d / "val.json", stats_path=d / "stats.json", work_dir=d / "work",
                                live_dir=d / "live", rounds=1, relabel_score=0.0, relabel_max=3, test=test,
-                               device=torch.device("cpu"), eval_every=eval_every, **kw)
+                               device=torch.device("cpu"), **{**kw, "runtime": dataclasses.replace(
+                                   kw["runtime"], eval_every=eval_every)})
 
     d, stats = run("reuse", 3)
     assert stats["val_inference"]["from_learning_curve"] is True
@@ -352,7 +367,7 @@ def test_val_predictions_reuse_the_curves_last_point_and_equal_a_fresh_predictio
 
 def test_drop_loss_only_lowers_the_focal_term():
     from efsolo.modeling.solo_model import SOLO
-    from efsolo.engine.train import solo_losses
+    from efsolo.modeling.solo_loss import solo_losses
 
     torch.manual_seed(0)
     model = SOLO(ARCH).eval()

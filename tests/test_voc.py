@@ -4,8 +4,9 @@ import cv2
 import numpy as np
 import pytest
 
-from efsolo.data.datasets import DataError, run
+from efsolo.data.datasets import DataError
 from efsolo.evaluation.evaluate import evaluate, results_table
+from test_datasets import _prepare
 from efsolo.data.voc import VOCError, image_set, read_annotation, voc_dataset
 
 
@@ -66,7 +67,7 @@ def test_bad_annotation_is_one_line_naming_the_file(tmp_path, text, message):
 def test_voc_source_trains_on_the_evaluation_images_and_evaluates_boxes_only(tmp_path):
     root = _voc(tmp_path / "VOC2007")
     out = tmp_path / "prepared"
-    report = run(out, "voc", seed=0, val_images=(str(root / "JPEGImages"),),
+    report = _prepare(out, "voc", seed=0, val_images=(str(root / "JPEGImages"),),
                  val_annotations=str(root / "Annotations"),
                  voc_image_set=str(root / "ImageSets" / "Main" / "trainval.txt"))
     assert report["train_images"] == report["val_images"] == 2
@@ -90,5 +91,5 @@ def test_voc_source_names_a_missing_annotation_file(tmp_path):
     root = _voc(tmp_path / "VOC2007")
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("000002\n000404\n")
     with pytest.raises(DataError, match="000404.xml: no such file"):
-        run(tmp_path / "p", "voc", seed=0, val_images=(str(root / "JPEGImages"),),
+        _prepare(tmp_path / "p", "voc", seed=0, val_images=(str(root / "JPEGImages"),),
             val_annotations=str(root / "Annotations"), voc_image_set=str(root / "ImageSets" / "Main" / "trainval.txt"))

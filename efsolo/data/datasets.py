@@ -21,6 +21,7 @@ from typing import Iterable
 
 from tqdm import tqdm
 
+from efsolo.config.schema import DataParams
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY, class_agnostic, empty_dataset, mask_annotation, read_json
 from efsolo.data.images import ImageReadError, file_sha256, list_images, read_image
 from efsolo.utils import atomic
@@ -167,14 +168,15 @@ def prepare_folder(split: str, folders: tuple[str, ...], source: str) -> dict:
     return {"manifest": _manifest(source, split, records), "gt": gt, "skipped": skipped}
 
 
-def run(out_dir: str | Path, source: str, seed: int, train_images: tuple[str, ...] = (),
-        val_images: tuple[str, ...] = (), val_annotations: str = "", voc_image_set: str = "", num_train: int = 320,
-        num_val: int = 80, image_size: int = 160, min_objects: int = 2, max_objects: int = 6,
-        look: str = "gradient") -> dict:
-    """Prepare both splits and write the manifests, ground truth and report. Returns the report."""
+def prepare_dataset(out_dir: str | Path, settings: DataParams, seed: int) -> dict:
+    """Prepare both splits of ``settings`` (``data``) and write the manifests, ground truth and
+    report. Returns the report."""
     out_dir = Path(out_dir)
+    source, train_images, val_images = settings.source, settings.train_images, settings.val_images
+    val_annotations, voc_image_set, syn = settings.val_annotations, settings.voc_image_set, settings.synthetic
     if source == "synthetic":
-        splits = prepare_synthetic(out_dir, seed, num_train, num_val, image_size, min_objects, max_objects, look)
+        splits = prepare_synthetic(out_dir, seed, syn.num_train, syn.num_val, syn.image_size, syn.min_objects,
+                                   syn.max_objects, syn.look)
     elif source == "coco":
         splits = {"train": prepare_folder("train", train_images, "coco"),
                   "val": prepare_coco_val(val_images, val_annotations)}
@@ -206,5 +208,5 @@ def run(out_dir: str | Path, source: str, seed: int, train_images: tuple[str, ..
 
 
 def load_manifest(path: str | Path) -> list[dict]:
-    """The image records of a manifest written by :func:`run`."""
+    """The image records of a manifest written by :func:`prepare_dataset`."""
     return read_json(path)["images"]

@@ -11,7 +11,7 @@ import torch
 
 from efsolo.data.coco_format import decode_mask, read_json
 from efsolo.data.images import read_image, resize_short_side
-from efsolo.freemask.free_mask import load_embeddings
+from efsolo.data.pseudo_label_format import load_embeddings
 
 
 @dataclass

@@ -22,7 +22,7 @@ def mask_fit(model: SOLO, batch: Batch, losses: LossSettings, step: int) -> dict
     positive cell: ``iou``, the mean IoU of the predicted mask (> 0.5) with its pseudo mask at
     stride 4; ``spread``, the mean standard deviation of a predicted soft mask over the image
     (0 for a constant mask, about 0.5 for a confident, balanced one); ``positives``."""
-    from efsolo.engine.train import solo_losses
+    from efsolo.modeling.solo_loss import solo_losses
 
     was_training = model.training
     model.eval()

@@ -19,10 +19,13 @@ from torch import nn
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+from efsolo.config import PretrainParams, PretrainRuntime
 from efsolo.data.datasets import load_manifest
 from efsolo.data.images import IMAGENET_MEAN, IMAGENET_STD, read_image
 from efsolo.engine import resume
+from efsolo.engine.live import make_live
 from efsolo.modeling.backbone import ResNetTrunk, save_backbone
+from efsolo.utils.seeding import seed_everything
 from efsolo.utils.errors import TrainingError
 
 
@@ -119,19 +122,24 @@ def _lr_at(step: int, iters: int, base_lr: float) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, iters - warm)))
 
 
-def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_dir: str | Path, arch: str,
-        seed: int, iters: int, batch_size: int, crop_size: int, lr: float, weight_decay: float,
-        momentum: float, queue_size: int, temperature: float, dense_weight: float, proj_dim: int,
-        color_jitter: float, grayscale_prob: float, log_every: int, checkpoint_every: int,
-        device: torch.device, precision: str = "float32") -> dict:
-    """Pretrain and write ``out_path``. ``iters == 0`` writes the seeded random initialisation.
-    ``color_jitter`` and ``grayscale_prob``: see :func:`make_augment`. With ``precision`` bfloat16
+def pretrain_backbone(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_dir: str | Path, *,
+                      arch: str, seed: int, settings: PretrainParams, runtime: PretrainRuntime, device: torch.device,
+                      precision: str = "float32") -> dict:
+    """Pretrain and write ``out_path``, with ``settings`` (``backbone.pretrain``) and ``runtime``
+    (``runtime.pretrain``: logging and checkpoint intervals). ``settings.iters == 0`` writes the
+    seeded random initialisation. ``color_jitter`` and ``grayscale_prob``: see :func:`make_augment`. With ``precision`` bfloat16
     the encoders run under bf16 autocast (the loss and the optimiser in float32)."""
-    resume.seed_everything(seed)
+    t = settings
+    iters, batch_size, crop_size, lr, weight_decay, momentum = (t.iters, t.batch_size, t.crop_size, t.lr,
+                                                                t.weight_decay, t.momentum)
+    queue_size, temperature, dense_weight, proj_dim = t.queue_size, t.temperature, t.dense_weight, t.proj_dim
+    color_jitter, grayscale_prob = t.color_jitter, t.grayscale_prob
+    log_every, checkpoint_every = runtime.log_every, runtime.checkpoint_every
+    seed_everything(seed)
     records = load_manifest(manifest)
     enc_q = DenseCLEncoder(arch, proj_dim).to(device)
     if iters == 0:
-        resume.make_live(live_dir).end()
+        make_live(live_dir).end()
         save_backbone(out_path, arch, enc_q.trunk.state_dict(), source=f"random-init(seed={seed})")
         return {"iters": 0}
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
@@ -153,7 +161,7 @@ def run(manifest: str | Path, out_path: str | Path, ckpt_dir: str | Path, live_d
         start = ck["step"]
         resume.set_rng_state(ck["rng"])
         print(f"resuming pretraining from iteration {start} ({ckpt_path})")
-    live = resume.make_live(live_dir, resume_at=start if start > 0 else None)
+    live = make_live(live_dir, resume_at=start if start > 0 else None)
     source = _ImageSource(records)
     augment = make_augment(crop_size, color_jitter, grayscale_prob)
     use_amp = precision == "bfloat16"

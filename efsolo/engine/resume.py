@@ -1,4 +1,4 @@
-"""Resumable long stages: seeding, RNG snapshots and fingerprinted checkpoints.
+"""Resumable long stages: RNG snapshots and fingerprinted checkpoints.
 
 A checkpoint carries a fingerprint of everything that determines the run (params, inputs);
 a run resumes only from a checkpoint with the same fingerprint, so a stale one from other
@@ -18,22 +18,9 @@ import torch
 from efsolo.utils import atomic
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def fingerprint(**parts: Any) -> str:
     """A stable hash of JSON-serialisable parts (params, input hashes)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (an input of a fingerprint)."""
-    from efsolo.data.images import file_sha256
-
-    return file_sha256(path)
 
 
 def rng_state() -> dict:
@@ -70,21 +57,3 @@ def load_checkpoint(path: str | Path, fp: str) -> dict | None:
         print(f"{path}: checkpoint is from other params or inputs; starting afresh")
         return None
     return blob
-
-
-def make_live(log_dir: str | Path, resume_at: int | None = None):
-    """A DVCLive logger that writes metrics and plots under ``log_dir`` and nothing else.
-
-    ``resume_at``: the step a run resumes from. Its curves so far are kept (dvc.yaml persists
-    the folder) and the points logged after that step, by the run that was interrupted before
-    its next checkpoint, are dropped, since they are logged again. ``None``: a fresh run, whose
-    curves start empty."""
-    from dvclive import Live
-
-    if resume_at is not None:
-        for tsv in sorted((Path(log_dir) / "plots").rglob("*.tsv")):
-            header, *rows = tsv.read_text().splitlines()
-            kept = [r for r in rows if int(float(r.split("\t", 1)[0])) <= resume_at]
-            if len(kept) < len(rows):
-                atomic.write_text(tsv, "\n".join([header, *kept]) + "\n")
-    return Live(dir=str(log_dir), resume=resume_at is not None, save_dvc_exp=False, dvcyaml=None, report=None)

@@ -13,7 +13,7 @@ from efsolo.config import TestSettings
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY
 from efsolo.data.datasets import load_manifest
 from efsolo.engine.train import train
-from efsolo.freemask.free_mask import save_pseudo_labels
+from efsolo.data.pseudo_label_format import save_pseudo_labels
 from efsolo.modeling.inference import predict_records, write_results
 from efsolo.modeling.model_io import load_model
 from efsolo.utils import atomic
@@ -64,19 +64,19 @@ def val_evaluator(val_manifest: Path, val_gt: Path, test: TestSettings, device: 
     return evaluator
 
 
-def run(*, labels: Path, embeddings: Path, val_manifest: Path, train_manifest: Path, model_path: Path,
+def self_train(*, labels: Path, embeddings: Path, val_manifest: Path, train_manifest: Path, model_path: Path,
         predictions_path: Path, stats_path: Path, work_dir: Path, live_dir: Path, rounds: int, relabel_score: float,
         relabel_max: int, test: TestSettings, device: torch.device,
         val_gt: Path | None = None, state_at: int = -1, state_path: Path | None = None, extra_stats: dict | None = None,
         **train_kwargs) -> dict:
     """Train ``rounds`` rounds (each on the previous round's labels), then predict on val.
 
-    With ``eval_every`` > 0 among ``train_kwargs`` and a ``val_gt`` that has ground truth, val
+    With ``runtime.eval_every`` > 0 among ``train_kwargs`` and a ``val_gt`` that has ground truth, val
     segm AP and AP50 are logged during training (learning curves). With ``state_path``, the first
     round's training state after ``state_at`` iterations is written there (the start of
     Exemplar-FreeSOLO at ``eec.start_iter``). ``extra_stats`` are written with the training's."""
     stats: dict = dict(extra_stats or {})
-    if train_kwargs.get("eval_every") and val_gt is not None and "evaluator" not in train_kwargs:
+    if train_kwargs["runtime"].eval_every and val_gt is not None and "evaluator" not in train_kwargs:
         train_kwargs["evaluator"] = val_evaluator(val_manifest, val_gt, test, device)
     for r in range(1, rounds + 1):
         round_model = model_path if r == rounds else work_dir / f"round{r}.pt"

@@ -19,115 +19,23 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from efsolo.config import LossSettings
+from efsolo.config import InputSettings, LossSettings, SolverSettings, TrainingRuntime
+from efsolo.data.images import file_sha256
 from efsolo.data.pseudo_labels import Batch, PseudoLabelSet, make_batch
 from efsolo.data.views import copy_paste, strong_view
 from efsolo.engine import resume
+from efsolo.engine.live import make_live
 from efsolo.modeling.inference import normalise
-from efsolo.modeling.losses import (avg_projection_loss, colour_similarity, drop_loss_weights, focal_loss,
-                           max_projection_loss, pairwise_loss, semantic_loss)
+from efsolo.modeling.solo_loss import solo_losses
 from efsolo.modeling.model_io import build_model, save_model
-from efsolo.modeling.solo_model import SOLO, SOLOArch, SOLOOutput, dynamic_masks
-from efsolo.modeling.targets import assign_cells
+from efsolo.modeling.solo_model import SOLO, SOLOArch, SOLOOutput
 from efsolo.utils.distributed import dist_env
+from efsolo.utils.seeding import seed_everything
 from efsolo.utils.errors import TrainingError
 
 TRAIN_STATE_FORMAT = "efsolo-train-state-v1"
-
-
-def _global_count(x: torch.Tensor) -> torch.Tensor:
-    """A count summed over DDP processes, times the number of processes (DDP averages gradients),
-    so that per-process losses normalised by it give the single-process gradient."""
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        return x / dist.get_world_size()
-    return x
-
-
-def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor], embeds: list[torch.Tensor],
-                grids: tuple[int, ...], ls: LossSettings, step: int) -> dict[str, torch.Tensor]:
-    """FreeSOLO losses of one batch of views.
-
-    out: network outputs for B views; images (B, 3, H, W) RGB in [0, 1]; masks[b] (N_b, H, W)
-    bool and embeds[b] (N_b, D) the pseudo-labels of view b. Returns the named terms and
-    ``total`` = gamma * avg_proj + max_proj + warm-up * pairwise + focal + mu * sem. Under DDP
-    the normalisers (positives, pairwise weights) are summed over processes, as detection
-    frameworks do, so the gradients equal those of one process holding the whole batch.
-    """
-    b, dev = images.shape[0], images.device
-    fh, fw = out.mask_feat.shape[-2:]
-    sim = colour_similarity(F.avg_pool2d(images.float(), 4)[..., :fh, :fw], ls.pairwise_dilation)  # (B, 8, h, w)
-    cate_logits, cate_targets, cate_weights = [], [], []
-    logits, targets, boxes, sims, pred_emb, tgt_emb = [], [], [], [], [], []
-    for i in range(b):
-        # target assignment on the CPU copy of the masks: one transfer per view, then no
-        # host-device synchronisation (.item(), nonzero) on the training device
-        cells = assign_cells(masks[i].cpu(), grids, ls.scale_ranges, ls.centre_sigma)
-        if masks[i].shape[0]:
-            m4 = F.interpolate(masks[i].unsqueeze(0).float(), size=(fh, fw), mode="bilinear",
-                               align_corners=False)[0] >= 0.5
-        for level, idx in enumerate(cells):
-            cate_logits.append(out.cates[level][i].flatten())
-            is_pos = (idx >= 0).to(dev, non_blocking=True)
-            cate_targets.append(is_pos.float())
-            if ls.drop_loss_iou > 0:
-                with torch.no_grad():
-                    every = dynamic_masks(out.kernels[level][i].flatten(1).T.float(), out.mask_feat[i].float())
-                    pseudo = m4 if masks[i].shape[0] else every.new_zeros((0, fh, fw), dtype=torch.bool)
-                    cate_weights.append(drop_loss_weights(every, pseudo, is_pos, ls.drop_loss_iou))
-            pos = torch.nonzero(idx >= 0).flatten()
-            if pos.numel() == 0:
-                continue
-            inst = idx[pos].to(dev, non_blocking=True)
-            pos = pos.to(dev, non_blocking=True)
-            kernels = out.kernels[level][i].flatten(1)[:, pos].T
-            logits.append(dynamic_masks(kernels.float(), out.mask_feat[i].float()))
-            t = m4[inst]
-            targets.append(t)
-            rows, cols = t.any(2), t.any(1)  # (K, h), (K, w): the pseudo mask's box at stride 4
-            ys = torch.arange(fh, device=dev)
-            xs = torch.arange(fw, device=dev)
-            y0 = torch.where(rows, ys, fh).amin(1)
-            y1 = torch.where(rows, ys, -1).amax(1)
-            x0 = torch.where(cols, xs, fw).amin(1)
-            x1 = torch.where(cols, xs, -1).amax(1)
-            boxes.append((ys.view(1, -1, 1) >= y0.view(-1, 1, 1)) & (ys.view(1, -1, 1) <= y1.view(-1, 1, 1)) &
-                         (xs.view(1, 1, -1) >= x0.view(-1, 1, 1)) & (xs.view(1, 1, -1) <= x1.view(-1, 1, 1)))
-            sims.append(sim[i].unsqueeze(0).expand(len(pos), -1, -1, -1))
-            pred_emb.append(out.embeds[level][i].flatten(1)[:, pos].T.float())
-            tgt_emb.append(embeds[i][inst])
-    ref = out.mask_feat
-    n_local = torch.tensor(float(sum(t.shape[0] for t in targets)), device=dev)
-    if logits:
-        lg, tg = torch.cat(logits), torch.cat(targets)
-        probs = torch.sigmoid(lg)
-        box = torch.cat(boxes)
-        sim_all = torch.cat(sims)
-        w_local = ((sim_all >= ls.pairwise_colour_threshold).float() * box.unsqueeze(1).float()).sum()
-        # the pure losses are means; scale them back to sums and normalise by the global counts
-        n_global = _global_count(n_local).clamp_min(1.0)
-        w_global = _global_count(w_local.detach()).clamp_min(1.0)
-        l_max = max_projection_loss(probs, tg) * n_local / n_global
-        l_avg = avg_projection_loss(probs, tg) * n_local / n_global
-        l_pair = pairwise_loss(lg, sim_all, box, ls.pairwise_colour_threshold,
-                               ls.pairwise_dilation) * w_local.clamp_min(1.0) / w_global
-        l_sem = semantic_loss(torch.cat(pred_emb), torch.cat(tgt_emb)) * n_local / n_global
-    else:
-        _global_count(n_local), _global_count(n_local)  # keep the collective calls matched across processes
-        l_max = l_avg = l_pair = l_sem = ref.sum() * 0.0
-    cate_t = torch.cat(cate_targets)
-    cate_w = torch.cat(cate_weights) if cate_weights else None
-    l_focal = focal_loss(torch.cat(cate_logits).float(), cate_t, ls.focal_alpha, ls.focal_gamma, cate_w) * \
-        (cate_t.sum() + 1) / (_global_count(cate_t.sum()) + 1)
-    warm = min(1.0, (step + 1) / max(1, ls.pairwise_warmup))
-    l_mask = ls.gamma * l_avg + l_max + ls.pairwise_weight * warm * l_pair
-    l_cate = l_focal + ls.mu * l_sem
-    return {"total": l_mask + l_cate, "mask": l_mask, "max_proj": l_max, "avg_proj": l_avg, "pairwise": l_pair,
-            "cate": l_cate, "focal": l_focal, "sem": l_sem, "positives": n_local}
 
 
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -303,16 +211,18 @@ class _TrainStep(torch.nn.Module):
 
 
 def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | Path, out_path: str | Path,
-          ckpt_dir: str | Path, live_dir: str | Path, arch: SOLOArch, seed: int, iters: int, batch_size: int,
-          lr: float, momentum: float, weight_decay: float, warmup_iters: int, warmup_factor: float, clip_grad_norm: float,
-          train_short_sides: tuple[int, ...], max_side: int, losses: LossSettings, copy_paste_prob: float, log_every: int,
-          checkpoint_every: int, device: torch.device, lr_schedule: str = "constant", lr_steps: tuple[float, ...] = (),
-          eval_every: int = 0, evaluator: Evaluator | None = None, ema_decay: float = 0.0, label_min_score: float = 0.0, label_max_per_image: int = 100,
+          ckpt_dir: str | Path, live_dir: str | Path, arch: SOLOArch, seed: int, solver: SolverSettings,
+          inputs: InputSettings, losses: LossSettings, runtime: TrainingRuntime, device: torch.device,
+          evaluator: Evaluator | None = None, label_min_score: float = 0.0, label_max_per_image: int = 100,
           extra_modules: dict[str, torch.nn.Module] | None = None, extra_loss: ExtraLoss | None = None,
           fingerprint_extra: dict | None = None, log_prefix: str = "train", state_at: int = -1,
           state_path: str | Path | None = None, init_state: str | Path | None = None,
           model_meta: dict | None = None, precision: str = "float32") -> dict:
     """Train a SOLO network on pseudo-labels and write ``out_path``.
+
+    ``solver`` (``freesolo.solver``), ``inputs`` (``freesolo.input``), ``losses`` (``freesolo.loss``)
+    and ``runtime`` (``runtime.freesolo``: logging, checkpoint and evaluation intervals, which do not
+    change the result) are the settings objects of ``params.yaml``'s sections.
 
     ``model_meta`` is recorded in the model file's metadata (e.g. ``{"test": ...}``: the
     inference settings that ``efsolo predict`` then defaults to), with the training ``precision``
@@ -333,13 +243,20 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     With an extra term, the norm of its gradient relative to the rest of the loss's, on the
     parameters they share (the trunk's trainable ones), is logged as ``eec/grad_ratio``.
     """
+    iters, batch_size, lr, momentum, weight_decay = (solver.iters, solver.batch_size, solver.lr, solver.momentum,
+                                                     solver.weight_decay)
+    warmup_iters, warmup_factor, lr_schedule, lr_steps = (solver.warmup_iters, solver.warmup_factor,
+                                                          solver.lr_schedule, solver.lr_steps)
+    clip_grad_norm, ema_decay = solver.clip_grad_norm, solver.ema_decay
+    train_short_sides, max_side, copy_paste_prob = inputs.train_short_sides, inputs.max_side, inputs.copy_paste_prob
+    log_every, checkpoint_every, eval_every = runtime.log_every, runtime.checkpoint_every, runtime.eval_every
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    resume.seed_everything(seed)
+    seed_everything(seed)
     data = PseudoLabelSet(labels, embeddings, label_min_score, label_max_per_image)
     if len(data) == 0:
         raise TrainingError(f"{labels}: no images to train on")
@@ -355,8 +272,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
                             schedule=(lr_schedule, tuple(lr_steps)), clip=clip_grad_norm, ema=ema_decay,
                             sides=train_short_sides, max_side=max_side, losses=asdict(losses),
                             copy_paste=copy_paste_prob, world=world, precision=precision,
-                            labels=resume.file_digest(labels),
-                            backbone=resume.file_digest(backbone), extra=fingerprint_extra or {})
+                            labels=file_sha256(labels),
+                            backbone=file_sha256(backbone), extra=fingerprint_extra or {})
     g_cpu = torch.Generator().manual_seed(seed)
     g_dev = torch.Generator(device=device).manual_seed(seed + 1)
     ckpt_path = Path(ckpt_dir) / "last.pt"
@@ -386,7 +303,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    live = resume.make_live(live_dir, resume_at=start if ck is not None else None) if rank == 0 else None
+    live = make_live(live_dir, resume_at=start if ck is not None else None) if rank == 0 else None
     shared = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("trunk.")]
     # running sums of the extra term's diagnostics over this training's iterations (kept in the
     # checkpoints, so a resumed run reports the means of the whole training)

@@ -93,7 +93,7 @@ def evaluate(gt: dict, results: list[dict]) -> tuple[dict, dict]:
     return metrics, curves
 
 
-def run(gt_path: str | Path, predictions_path: str | Path, metrics_path: str | Path, curves_dir: str | Path) -> dict:
+def write_metrics(gt_path: str | Path, predictions_path: str | Path, metrics_path: str | Path, curves_dir: str | Path) -> dict:
     """Evaluate one model's val predictions; write ``metrics_path`` (nested JSON) and PR curves."""
     gt = read_json(gt_path)
     if not gt.get("info", {}).get("has_ground_truth", True):

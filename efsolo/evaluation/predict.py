@@ -55,7 +55,7 @@ def _overlay_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def run(model_path: str | Path, inputs: list[str], out_dir: str | Path, short_side: int | None = None,
+def predict_folder(model_path: str | Path, inputs: list[str], out_dir: str | Path, short_side: int | None = None,
         max_side: int | None = None, test: TestSettings | None = None, device: torch.device | None = None,
         overlay_min_score: float = OVERLAY_MIN_SCORE, overlays: bool = True, test_overrides: dict | None = None) -> dict:
     """Predict every image; returns a summary ``{images, instances, skipped, out}``.

@@ -48,7 +48,7 @@ def _rescale(anns: list[dict], scale: float, size: tuple[int, int]) -> list[dict
     return out
 
 
-def run(val_manifest: str | Path, val_gt: str | Path, predictions: dict[str, str | Path], out_dir: str | Path,
+def write_overlays(val_manifest: str | Path, val_gt: str | Path, predictions: dict[str, str | Path], out_dir: str | Path,
         num_images: int, seed: int, min_score: float = 0.3, max_instances: int = 20, min_height: int = 256) -> dict:
     """Write ``out_dir/<image>.png`` for ``num_images`` seeded val images; returns what was drawn.
 

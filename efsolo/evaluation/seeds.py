@@ -157,7 +157,7 @@ def workspace_metrics(seed: int, overrides: list[str]) -> dict | None:
     return found or None
 
 
-def run(seeds: list[int], overrides: list[str], out: str | Path = "metrics/seeds.json", poll: float = 10.0,
+def run_seeds(seeds: list[int], overrides: list[str], out: str | Path = "metrics/seeds.json", poll: float = 10.0,
         targets: list[str] | None = None, only_collect: bool = False) -> dict:
     """Queue the pipeline for every seed, run the queue (one job at a time), wait, summarise.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from efsolo.config import FreeMaskParams, FreeMaskRuntime
 from efsolo.data.coco_format import AGNOSTIC_CATEGORY, mask_annotation
 from efsolo.data.datasets import load_manifest
-from efsolo.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, read_image, resize_short_side
+from efsolo.data.pseudo_label_format import save_pseudo_labels
+from efsolo.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError, file_sha256, read_image, resize_short_side
 from efsolo.modeling.backbone import ResNetTrunk, load_backbone
 from efsolo.modeling.matrix_nms import fast_nms, matrix_nms
 from efsolo.utils import atomic
@@ -172,21 +174,17 @@ def _load(batch: tuple[tuple[int, int], list[dict]]) -> tuple[tuple[int, int], l
 
 
 @torch.inference_mode()
-def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, desc: str, *, feature_level: str,
-                short_side: int,
-                max_side: int, query_scales: tuple[float, ...], mask_threshold: float, min_pixels: int, nms: str,
-                nms_sigma: float, fast_nms_iou: float, keep_top: int, pre_nms_top: int, score_threshold: float,
-                max_box_width: float, top_exclude: float, embed_dim: int, embed_method: str, batch_size: int,
-                seed: int, split_components: bool = False,
-                component_min_fraction: float = 0.1, precision: str = "float32") -> tuple[dict, np.ndarray, list[dict]]:
+def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, desc: str, *, settings: FreeMaskParams,
+                batch_size: int, seed: int, precision: str = "float32") -> tuple[dict, np.ndarray, list[dict]]:
     """Free Mask pseudo-labels for a list of manifest records; the trunk runs under bf16 autocast
     when ``precision`` is bfloat16 (Free Mask's own operations in float32).
 
     Returns (COCO dataset with scored RLE annotations, embeddings (N_ann, embed_dim) float16
     aligned with the annotations' order and ids 1..N_ann, skipped files).
     """
+    f = settings
     images, anns, embeds, skipped = [], [], [], []
-    batches = _batches(records, short_side, max_side, batch_size)
+    batches = _batches(records, f.short_side, f.max_side, batch_size)
     use_amp = precision == "bfloat16"
     with ThreadPoolExecutor(1) as pool:  # decode the next batch while this one runs
         loaded = pool.map(_load, batches)
@@ -197,58 +195,45 @@ def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, d
             x = normalise(imgs, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 feats = trunk(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)[
-                    feature_level]
-            res = free_mask(feats.float(), query_scales, mask_threshold, min_pixels, nms, nms_sigma, fast_nms_iou,
-                            keep_top, pre_nms_top)
+                    f.feature_level]
+            res = free_mask(feats.float(), f.query_scales, f.mask_threshold, f.min_pixels, f.nms, f.nms_sigma, f.fast_nms_iou,
+                            f.keep_top, f.pre_nms_top)
             for i, r in enumerate(recs):
                 images.append({"id": r["id"], "file_name": r["file_name"], "width": r["width"],
                                "height": r["height"]})
                 masks, scores, slots = masks_to_image(res.soft[i], res.scores[i], r["height"], r["width"],
-                                                      score_threshold, max_box_width, top_exclude, mask_threshold,
-                                                      split_components, component_min_fraction)
+                                                      f.score_threshold, f.max_box_width, f.top_exclude, f.mask_threshold,
+                                                      f.split_components, f.component_min_fraction)
                 for m, s in zip(masks, scores):
                     anns.append(mask_annotation(m, len(anns) + 1, r["id"], score=s))
                 if slots:
-                    embeds.append(reduce_embedding(res.queries[i, slots].cpu(), embed_dim, embed_method, seed))
-    emb = torch.cat(embeds).numpy().astype(np.float16) if embeds else np.zeros((0, embed_dim), np.float16)
+                    embeds.append(reduce_embedding(res.queries[i, slots].cpu(), f.embed_dim, f.embed_method, seed))
+    emb = torch.cat(embeds).numpy().astype(np.float16) if embeds else np.zeros((0, f.embed_dim), np.float16)
     dataset = {"info": {"description": "Free Mask pseudo-labels"}, "images": images, "annotations": anns,
                "categories": [AGNOSTIC_CATEGORY]}
     return dataset, emb, skipped
 
 
-def save_pseudo_labels(out_dir: Path, split: str, dataset: dict, embeddings: np.ndarray) -> None:
-    """``{split}.json`` (COCO) and ``{split}_embeddings.npz`` (ann_ids, embeddings float16), aligned by id."""
-    ann_ids = np.array([a["id"] for a in dataset["annotations"]], dtype=np.int64)
-    atomic.write_json(out_dir / f"{split}.json", dataset)
-
-    def write_npz(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, ann_ids=ann_ids, embeddings=embeddings)
-
-    atomic.write_with(out_dir / f"{split}_embeddings.npz", write_npz)
-
-
-def load_embeddings(path: str | Path) -> dict[int, np.ndarray]:
-    """Annotation id -> embedding vector, from a ``*_embeddings.npz`` file."""
-    with np.load(path) as z:
-        return {int(i): e for i, e in zip(z["ann_ids"], z["embeddings"])}
-
-
-def run(train_manifest: str | Path, val_manifest: str | Path, backbone: str | Path, out_dir: str | Path,
-        device: torch.device, feature_stride: int, seed: int, shard_size: int = 0,
-        shard_dir: str | Path | None = None, val_dir: str | Path | None = None, **options) -> dict:
+def label_dataset(train_manifest: str | Path, val_manifest: str | Path, backbone: str | Path, out_dir: str | Path, *,
+                  settings: FreeMaskParams, runtime: FreeMaskRuntime, seed: int, device: torch.device,
+                  shard_dir: str | Path | None = None, val_dir: str | Path | None = None,
+                  precision: str = "float32") -> dict:
     """Label the train and val splits; write pseudo-labels, embeddings and ``stats.json`` to
     ``out_dir`` (the val split's to ``val_dir`` when given: they are Free Mask's val predictions).
 
-    Each split is labelled in shards of ``shard_size`` images (0: one shard), written to
-    ``shard_dir`` and merged (see :mod:`efsolo.utils.sharding`); under ``torchrun`` the processes
+    ``settings`` is ``freemask``; ``runtime`` (``runtime.freemask``) sets the inference batch and the
+    shard size. Each split is labelled in shards of ``runtime.shard_size`` images (0: one shard), written to
+    ``shard_dir`` and merged (see :mod:`efsolo.freemask.sharding`); under ``torchrun`` the processes
     share the shards (one GPU each) and rank 0 merges. Finished shards are not labelled again.
     """
-    from efsolo.utils import sharding
+    from efsolo.freemask import sharding
     from efsolo.utils.distributed import dist_env
-    from efsolo.engine.resume import file_digest
 
     out_dir = Path(out_dir)
+    stride, shard_size = settings.trunk_output_stride, runtime.shard_size
+    # what determines the labels (a shard's fingerprint); the precision is recorded in the stats
+    options = {k: v for k, v in asdict(settings).items() if k != "trunk_output_stride"}
+    options.update(batch_size=runtime.batch_size, precision=precision)
     shard_dir = Path(shard_dir) if shard_dir is not None else out_dir / "shards"
     rank, world, local = dist_env()
     if world > 1:
@@ -261,28 +246,29 @@ def run(train_manifest: str | Path, val_manifest: str | Path, backbone: str | Pa
         if device.type == "cuda":
             device = torch.device("cuda", local)
             torch.cuda.set_device(device)
-    trunk = load_backbone(backbone, output_stride=feature_stride).to(device).eval()
+    trunk = load_backbone(backbone, output_stride=stride).to(device).eval()
     if device.type == "cuda":
         trunk = trunk.to(memory_format=torch.channels_last)
-    settings = {"backbone": file_digest(backbone), "feature_stride": feature_stride, "seed": seed, **options}
-    stats: dict = {"feature_level": options["feature_level"], "feature_stride": feature_stride,
-                   "device": device.type, "precision": options.get("precision", "float32"), "processes": world}
+    identity = {"backbone": file_sha256(backbone), "trunk_output_stride": stride, "seed": seed, **options}
+    stats: dict = {"feature_level": settings.feature_level, "trunk_output_stride": stride,
+                   "device": device.type, "precision": precision, "processes": world}
     for split, manifest in (("train", train_manifest), ("val", val_manifest)):
         records = load_manifest(manifest)
         slices = sharding.shard_slices(len(records), shard_size)
-        prints = [sharding.shard_fingerprint(records[sl], settings) for sl in slices]
+        prints = [sharding.shard_fingerprint(records[sl], identity) for sl in slices]
         for k in sharding.mine(len(slices), rank, world):
             if sharding.shard_done(shard_dir, split, k, prints[k]):
                 continue
             t0 = time.time()
             desc = f"free mask {split}" + (f" shard {k + 1}/{len(slices)}" if len(slices) > 1 else "")
-            dataset, emb, skipped = label_split(trunk, records[slices[k]], device, desc, seed=seed, **options)
+            dataset, emb, skipped = label_split(trunk, records[slices[k]], device, desc, settings=settings,
+                                                batch_size=runtime.batch_size, seed=seed, precision=precision)
             sharding.write_shard(shard_dir, split, k, prints[k], dataset, emb, skipped, round(time.time() - t0, 2))
         if world > 1:
             dist.barrier()
         if rank != 0:
             continue
-        dataset, emb, skipped, seconds = sharding.merge_shards(shard_dir, split, len(slices), options["embed_dim"],
+        dataset, emb, skipped, seconds = sharding.merge_shards(shard_dir, split, len(slices), settings.embed_dim,
                                                                "Free Mask pseudo-labels")
         save_pseudo_labels(Path(val_dir) if split == "val" and val_dir is not None else out_dir, split, dataset, emb)
         n_img = max(1, len(dataset["images"]))

@@ -20,8 +20,8 @@ def build_model(arch: SOLOArch, backbone: str | Path) -> SOLO:
     """A SOLO network whose trunk is initialised from ``models/backbone.pt``."""
     model = SOLO(arch)
     trunk = load_backbone(backbone)
-    if trunk.arch != arch.arch:
-        raise TrainingError(f"{backbone}: backbone is {trunk.arch}, the network wants {arch.arch}")
+    if trunk.arch != arch.backbone:
+        raise TrainingError(f"{backbone}: backbone is {trunk.arch}, the network wants {arch.backbone}")
     model.trunk.load_state_dict(trunk.state_dict())
     return model
 
@@ -49,6 +49,8 @@ def _read(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
 
 def _network(blob: dict) -> SOLO:
     a = blob["arch"]
+    if "arch" in a:  # files written before SOLOArch.arch was named backbone
+        a = {**{k: v for k, v in a.items() if k != "arch"}, "backbone": a["arch"]}
     model = SOLO(SOLOArch(**{**a, "grids": tuple(a["grids"])}))
     model.load_state_dict(blob["state_dict"])
     return model.eval()

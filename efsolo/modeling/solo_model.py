@@ -25,7 +25,7 @@ class SOLOArch(ModelSettings):
     """The whole network: the sizes of ``freesolo.model`` (``config.ModelSettings``, the paper's by
     default), the backbone, and the width of the predicted semantic embeddings."""
 
-    arch: str = "resnet50"
+    backbone: str = "resnet50"  # the trunk: resnet18 | resnet34 | resnet50 | resnet101
     embed_dim: int = 128
 
 
@@ -137,7 +137,7 @@ class SOLO(nn.Module):
     def __init__(self, a: SOLOArch) -> None:
         super().__init__()
         self.arch = a
-        self.trunk = ResNetTrunk(a.arch, 32)
+        self.trunk = ResNetTrunk(a.backbone, 32)
         ch = self.trunk.channels
         self.fpn = FPN([ch["c2"], ch["c3"], ch["c4"], ch["c5"]], a.fpn_channels)
         self.head = SOLOHead(a.fpn_channels, a)
