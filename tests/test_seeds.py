@@ -37,7 +37,8 @@ def test_summarise_gives_percent_per_seed_and_mean_with_sample_std():
     only_one = summarise({0: found["seed-0"], 1: {"freesolo": found["seed-1"]["freesolo"]}})
     assert set(only_one["summary"]) == {"freesolo"}  # models that every seed has
     text = table(result)
-    assert "| freesolo | mean ± std | 12.0 ± 2.8 |" in text and text.count("\n") == 1 + 2 * 3
+    # two models of two seeds and a mean, then the margin: two seeds, its mean and the ratio of means
+    assert "| freesolo | mean ± std | 12.0 ± 2.8 |" in text and text.count("\n") == 1 + 2 * 3 + 4
 
 
 def test_paired_difference_of_exemplar_freesolo_and_freesolo():
@@ -52,7 +53,21 @@ def test_paired_difference_of_exemplar_freesolo_and_freesolo():
     assert pr["ratio_of_means"]["segm AP"] == pytest.approx(19 / 18, abs=1e-3)
     text = table(result)
     assert "| exemplar_freesolo - freesolo | 0 | +2.00 |" in text and "| exemplar_freesolo / freesolo | ratio of means | 1.06 |" in text
+    assert pr["difference_mean"]["segm AP"] == 0.5 and pr["difference_std"]["segm AP"] == pytest.approx(2.12, abs=0.01)
+    assert "| exemplar_freesolo - freesolo | mean ± std | +0.50 ± 2.12 |" in text
     assert "paired" not in summarise({0: {"freesolo": m(10)}})
+
+
+def test_self_trainings_margin_over_its_labels():
+    def m(ap):
+        return {"segm": {"AP": ap / 100}}
+
+    result = summarise({0: {"freemask": m(10), "freesolo": m(13)}, 1: {"freemask": m(12), "freesolo": m(11)}})
+    margin = result["margin"]
+    assert (margin["base"], margin["other"]) == ("freemask", "freesolo")
+    assert margin["difference"]["1"]["segm AP"] == -1.0 and margin["difference_mean"]["segm AP"] == 1.0
+    assert margin["higher_every_seed"]["segm AP"] is False
+    assert "| freesolo - freemask | 0 | +3.00 |" in table(result)
 
 
 def test_the_eec_diagnostics_of_each_seed_are_kept():

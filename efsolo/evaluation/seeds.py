@@ -97,17 +97,25 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict:
         result["eec"] = eec
     if "freesolo" in common and "exemplar_freesolo" in common:
         result["paired"] = paired(rows)
+    if "freemask" in common and "freesolo" in common:  # self-training's margin over its own labels
+        result["margin"] = paired(rows, base="freemask", other="freesolo")
     return result
 
 
 def paired(rows: dict[int, dict[str, dict[str, float]]], base: str = "freesolo",
            other: str = "exemplar_freesolo") -> dict:
-    """Exemplar-FreeSOLO against FreeSOLO seed by seed: the difference of every figure per seed,
-    whether ``other`` is higher in every seed, and the ratio of the means."""
+    """``other`` against ``base`` seed by seed: the difference of every figure per seed, its mean and
+    sample std over the seeds, whether ``other`` is higher in every seed, and the ratio of the means."""
     figures = sorted(set.intersection(*(set(r[base]) & set(r[other]) for r in rows.values())))
     diffs = {str(s): {f: round(r[other][f] - r[base][f], 2) for f in figures} for s, r in rows.items()}
-    out: dict = {"difference": diffs, "higher_every_seed": {}, "ratio_of_means": {}}
+    out: dict = {"base": base, "other": other, "difference": diffs, "difference_mean": {}, "difference_std": {},
+                 "higher_every_seed": {}, "ratio_of_means": {}}
     for f in figures:
+        xs = [d[f] for d in diffs.values()]
+        mean = sum(xs) / len(xs)
+        out["difference_mean"][f] = round(mean, 2)
+        out["difference_std"][f] = round(math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)), 2) \
+            if len(xs) > 1 else 0.0
         out["higher_every_seed"][f] = all(d[f] > 0 for d in diffs.values())
         mb = sum(r[base][f] for r in rows.values()) / len(rows)
         mo = sum(r[other][f] for r in rows.values()) / len(rows)
@@ -127,12 +135,19 @@ def table(result: dict) -> str:
             s = result["summary"][m]
             lines.append(f"| {m} | mean ± std | " + " | ".join(
                 f"{s[f]['mean']:.1f} ± {s[f]['std']:.1f}" if f in s else "-" for f in figures) + " |")
-    if "paired" in result:
-        pr = result["paired"]
+    for key in ("margin", "paired"):
+        if key not in result:
+            continue
+        pr = result[key]
+        base, other = pr.get("base", "freesolo"), pr.get("other", "exemplar_freesolo")
         for seed, d in pr["difference"].items():
-            lines.append(f"| exemplar_freesolo - freesolo | {seed} | " +
+            lines.append(f"| {other} - {base} | {seed} | " +
                          " | ".join(f"{d[f]:+.2f}" if f in d else "-" for f in figures) + " |")
-        lines.append("| exemplar_freesolo / freesolo | ratio of means | " + " | ".join(
+        if "difference_mean" in pr:
+            lines.append(f"| {other} - {base} | mean ± std | " + " | ".join(
+                f"{pr['difference_mean'][f]:+.2f} ± {pr['difference_std'][f]:.2f}" if f in pr["difference_mean"] else "-"
+                for f in figures) + " |")
+        lines.append(f"| {other} / {base} | ratio of means | " + " | ".join(
             f"{pr['ratio_of_means'][f]:.2f}" if pr["ratio_of_means"].get(f) else "-" for f in figures) + " |")
     if "eec" in result:
         lines += ["", "| seed | " + " | ".join(f"EEC mean {k}" for k in EEC_KEYS) + " |", "|---|" + "---|" * len(EEC_KEYS)]
