@@ -69,15 +69,14 @@ TINY = Size("tiny", SOLOArch(backbone="resnet18", fpn_channels=16, head_channels
 SIZE_NAMES = ("demo", "paper", "tiny")
 
 
-def sizes(params_path: str | Path = "params.yaml") -> dict[str, Size]:
+def size_named(name: str, params_path: str | Path = "params.yaml") -> Size:
     """``demo``: the sizes of ``params_path``; ``paper``: the paper profile's (the params defaults),
     one image a step (eight at 800 x 1333 take minutes a step on a CPU); ``tiny``: for the tests."""
-    return {"demo": size_from_params("demo", load_params(params_path), iters=5),
-            "paper": size_from_params("paper", Params(), iters=2, batch=1, square=False), "tiny": TINY}
-
-
-def size_named(name: str, params_path: str | Path = "params.yaml") -> Size:
-    return TINY if name == "tiny" else sizes(params_path)[name]
+    if name == "tiny":
+        return TINY
+    if name == "paper":
+        return size_from_params("paper", Params(), iters=2, batch=1, square=False)
+    return size_from_params("demo", load_params(params_path), iters=5)
 
 
 def _sync(device: torch.device) -> None:
@@ -482,7 +481,7 @@ def run_benchmarks(names: list[str], devices: list[str], whats: list[str] | None
             rows.append({**spec, "error": err[:300]})
         print(_row_text(rows[-1]), flush=True)
     return {"machine": machine(), "results": rows,
-            "sizes": {s: {**asdict(size_named(s, params)), "arch": asdict(size_named(s, params).arch)} for s in names}}
+            "sizes": {s: asdict(size_named(s, params)) for s in names}}  # asdict recurses into arch
 
 
 def _share(r: dict) -> str:
