@@ -273,6 +273,7 @@ def bench_train_profile(size: Size, device: torch.device, precision: str = "floa
         parts = []  # (name, output, input leaf): backward runs from the loss back through them
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_amp(precision)):
             h = clock.section("network other forward", lambda: normalise(images))
+            x_in = h
             feats = {}
             for i, (name, stage) in enumerate(zip(names, stages)):
                 leaf = _cut(h)
@@ -286,10 +287,10 @@ def bench_train_profile(size: Size, device: torch.device, precision: str = "floa
             ps_head, ps_mask = _cut(ps), _cut(ps[:4])
             cates, kernels, embeds_ = clock.section("head forward", lambda: model.head(level_features(ps_head)))
             parts.append(("head", [cates, kernels, embeds_], ps_head))
-            mask_feat = clock.section("mask branch forward", lambda: model.mask_branch(ps_mask))
+            mask_feat = clock.section("mask branch forward", lambda: model.mask_branch(ps_mask, x_in))
             parts.append(("mask branch", mask_feat, ps_mask))
         outs = _cut([cates, kernels, embeds_, mask_feat])
-        out = SOLOOutput(*outs, trunk=None)
+        out = SOLOOutput(*outs, trunk=None, mask_stride=model.mask_branch.stride)
         loss = clock.section("losses forward", lambda: solo_loss.solo_losses(out, images, masks + s_masks, embeds + s_embeds,
                                                                       size.arch.grids, ls, step=10**6)["total"])
         opt.zero_grad(set_to_none=True)

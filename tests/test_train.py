@@ -396,3 +396,54 @@ def test_bf16_training_records_its_precision_and_does_not_resume_a_float32_run(t
     blob = torch.load(tiny / "prec.pt", weights_only=True)
     assert blob["meta"]["precision"] == "bfloat16"
     assert all(v.dtype == torch.float32 for v in blob["state_dict"].values() if v.is_floating_point())
+
+
+def test_per_level_average_weighs_each_level_once():
+    """Three exact masks on one level and one wrong mask on another: pooled, the wrong one is a
+    quarter of the max-projection term; per level (the release's), half."""
+    from efsolo.modeling.losses import max_projection_loss
+    from efsolo.modeling.solo_loss import _per_level_terms
+
+    t = torch.zeros(4, 8, 8, dtype=torch.bool)
+    t[:, 2:6, 2:6] = True
+    logits = torch.where(t, 20.0, -20.0)
+    logits[3] = -logits[3]  # the fourth mask is the complement of its target
+    box = t.clone()
+    sim = torch.ones(4, 8, 8, 8)
+    emb = torch.randn(4, 3)
+    wrong = max_projection_loss(torch.sigmoid(logits[3:]), t[3:]).item()
+    assert wrong > 0.5
+    pooled = max_projection_loss(torch.sigmoid(logits), t).item()
+    assert pooled == pytest.approx(wrong / 4, rel=1e-4)
+    split = lambda x: [x[:3], x[3:]]  # noqa: E731
+    terms = _per_level_terms(split(logits), split(t), split(box), split(sim), split(emb), split(emb), [0, 1], LossSettings())
+    assert terms[0].item() == pytest.approx(wrong / 2, rel=1e-4)
+    assert terms[3].item() == pytest.approx(0.0, abs=1e-6)  # the embeddings equal their targets
+    one = _per_level_terms([logits], [t], [box], [sim], [emb], [emb], [2], LossSettings())
+    assert one[0].item() == pytest.approx(pooled, rel=1e-5)  # one level: the same as pooled
+
+
+@pytest.mark.parametrize("level_average", ["pooled", "per_level"])
+def test_mask_stride_two_trains_the_image_path_and_predicts_at_full_size(level_average):
+    """mask_stride 2: the mask features are at half the input size, the loss reads them there, and
+    its gradient reaches the image convolution; inference returns masks of the original size."""
+    from efsolo.modeling.inference import TestSettings, predict_image
+    from efsolo.modeling.solo_loss import solo_losses
+    from efsolo.modeling.solo_model import SOLO
+
+    torch.manual_seed(0)
+    model = SOLO(dataclasses.replace(ARCH, mask_stride=2))
+    images = torch.rand(2, 3, 64, 96)
+    masks = [torch.zeros(2, 64, 96, dtype=torch.bool), torch.zeros(0, 64, 96, dtype=torch.bool)]
+    masks[0][0, 8:30, 8:30] = True
+    masks[0][1, 36:60, 30:58] = True
+    embeds = [torch.randn(2, ARCH.embed_dim), torch.zeros(0, ARCH.embed_dim)]
+    out = model(images)
+    assert out.mask_feat.shape[-2:] == (32, 48) and out.mask_stride == 2
+    terms = solo_losses(out, images, masks, embeds, ARCH.grids, LossSettings(level_average=level_average), step=0)
+    assert terms["positives"] > 0 and all(torch.isfinite(v) for v in terms.values())
+    terms["total"].backward()
+    assert model.mask_branch.image[0].weight.grad.abs().sum() > 0
+    found, scores, emb = predict_image(model.eval(), np.zeros((40, 50, 3), np.uint8), 64, 96, TestSettings(),
+                                       torch.device("cpu"))
+    assert found.shape[1:] == (40, 50) and len(scores) == len(found) == len(emb)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 
 from efsolo.config.moved_keys import MOVED_KEYS
-from efsolo.config.schema import Params, ParamsError, _check
+from efsolo.config.schema import Params, ParamsError, require
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -20,15 +20,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
-        _check(isinstance(value, dict), key, "must be a mapping", value)
+        require(isinstance(value, dict), key, "must be a mapping", value)
         return _build(tp, value, key + ".")
     if origin is Literal:
         allowed = typing.get_args(tp)
-        _check(value in allowed, key, f"must be one of {list(allowed)}", value)
+        require(value in allowed, key, f"must be one of {list(allowed)}", value)
         return value
     if origin is tuple and typing.get_args(tp)[-1] is not Ellipsis:  # fixed length, e.g. [low, high]
         args = typing.get_args(tp)
-        _check(isinstance(value, list) and len(value) == len(args), key, f"must be a list of {len(args)}", value)
+        require(isinstance(value, list) and len(value) == len(args), key, f"must be a list of {len(args)}", value)
         return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
@@ -36,23 +36,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return ()
         if isinstance(value, (str, int, float)):
             value = [value]  # a single folder is a list of one
-        _check(isinstance(value, list), key, "must be a list", value)
+        require(isinstance(value, list), key, "must be a list", value)
         return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported union type for {key}")
     if tp is bool:
-        _check(isinstance(value, bool), key, "must be true or false", value)
+        require(isinstance(value, bool), key, "must be true or false", value)
         return value
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
+        require(isinstance(value, int) and not isinstance(value, bool), key, "must be an integer", value)
         return value
     if tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "must be a number", value)
         return float(value)
     if tp is str:
         if value is None:
             return ""
-        _check(isinstance(value, str), key, "must be a string", value)
+        require(isinstance(value, str), key, "must be a string", value)
         return value
     raise TypeError(f"unsupported type {tp!r} for {key}")
 

@@ -16,21 +16,22 @@ class ParamsError(EfsoloError):
     """An invalid value, type or key in the params file (one-line message)."""
 
 
-def _check(ok: bool, key: str, msg: str, value: Any) -> None:
+def require(ok: bool, key: str, msg: str, value: Any) -> None:
+    """Raise a one-line ParamsError naming ``key`` and the value when ``ok`` is false."""
     if not ok:
         raise ParamsError(f"{key} {msg}, got {value!r}")
 
 
 def _in_unit(key: str, value: float) -> None:
-    _check(0.0 <= value <= 1.0, key, "must be in [0, 1]", value)
+    require(0.0 <= value <= 1.0, key, "must be in [0, 1]", value)
 
 
 def _positive(key: str, value: float) -> None:
-    _check(value > 0, key, "must be > 0", value)
+    require(value > 0, key, "must be > 0", value)
 
 
 def _non_negative(key: str, value: float) -> None:
-    _check(value >= 0, key, "must be >= 0", value)
+    require(value >= 0, key, "must be >= 0", value)
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class SyntheticParams:
     def __post_init__(self) -> None:
         _positive("data.synthetic.num_train", self.num_train)
         _positive("data.synthetic.num_val", self.num_val)
-        _check(self.image_size >= 32, "data.synthetic.image_size", "must be >= 32", self.image_size)
-        _check(1 <= self.min_objects <= self.max_objects, "data.synthetic.min_objects",
+        require(self.image_size >= 32, "data.synthetic.image_size", "must be >= 32", self.image_size)
+        require(1 <= self.min_objects <= self.max_objects, "data.synthetic.min_objects",
                "must be >= 1 and <= data.synthetic.max_objects", self.min_objects)
 
 
@@ -63,17 +64,17 @@ class DataParams:
 
     def __post_init__(self) -> None:
         if self.source in ("coco", "folder"):
-            _check(len(self.train_images) > 0, "data.train_images",
+            require(len(self.train_images) > 0, "data.train_images",
                    f"must name at least one folder when data.source is {self.source}", self.train_images)
-            _check(len(self.val_images) > 0, "data.val_images",
+            require(len(self.val_images) > 0, "data.val_images",
                    f"must name at least one folder when data.source is {self.source}", self.val_images)
         if self.source == "coco":
-            _check(bool(self.val_annotations), "data.val_annotations",
+            require(bool(self.val_annotations), "data.val_annotations",
                    "must name a COCO instances json when data.source is coco", self.val_annotations)
         if self.source == "voc":
-            _check(len(self.val_images) > 0, "data.val_images",
+            require(len(self.val_images) > 0, "data.val_images",
                    "must name the VOC JPEGImages folder when data.source is voc", self.val_images)
-            _check(bool(self.val_annotations), "data.val_annotations",
+            require(bool(self.val_annotations), "data.val_annotations",
                    "must name the VOC Annotations folder when data.source is voc", self.val_annotations)
 
 
@@ -96,12 +97,12 @@ class PretrainParams:
 
     def __post_init__(self) -> None:
         _non_negative("backbone.pretrain.iters", self.iters)
-        _check(self.batch_size >= 2, "backbone.pretrain.batch_size", "must be >= 2", self.batch_size)
-        _check(self.crop_size >= 32, "backbone.pretrain.crop_size", "must be >= 32", self.crop_size)
+        require(self.batch_size >= 2, "backbone.pretrain.batch_size", "must be >= 2", self.batch_size)
+        require(self.crop_size >= 32, "backbone.pretrain.crop_size", "must be >= 32", self.crop_size)
         _positive("backbone.pretrain.lr", self.lr)
         _non_negative("backbone.pretrain.weight_decay", self.weight_decay)
-        _check(0.0 <= self.momentum < 1.0, "backbone.pretrain.momentum", "must be in [0, 1)", self.momentum)
-        _check(self.queue_size >= self.batch_size, "backbone.pretrain.queue_size",
+        require(0.0 <= self.momentum < 1.0, "backbone.pretrain.momentum", "must be in [0, 1)", self.momentum)
+        require(self.queue_size >= self.batch_size, "backbone.pretrain.queue_size",
                "must be >= backbone.pretrain.batch_size", self.queue_size)
         _positive("backbone.pretrain.temperature", self.temperature)
         _in_unit("backbone.pretrain.dense_weight", self.dense_weight)
@@ -142,10 +143,10 @@ class FreeMaskParams:
     embed_method: Literal["linear", "random"] = "linear"
 
     def __post_init__(self) -> None:
-        _check(self.short_side >= 32, "freemask.short_side", "must be >= 32", self.short_side)
-        _check(self.max_side >= self.short_side, "freemask.max_side", "must be >= freemask.short_side",
+        require(self.short_side >= 32, "freemask.short_side", "must be >= 32", self.short_side)
+        require(self.max_side >= self.short_side, "freemask.max_side", "must be >= freemask.short_side",
                self.max_side)
-        _check(len(self.query_scales) > 0 and all(0 < s <= 1 for s in self.query_scales),
+        require(len(self.query_scales) > 0 and all(0 < s <= 1 for s in self.query_scales),
                "freemask.query_scales", "must be a non-empty list of factors in (0, 1]", self.query_scales)
         _in_unit("freemask.mask_threshold", self.mask_threshold)
         _non_negative("freemask.min_pixels", self.min_pixels)
@@ -173,14 +174,16 @@ class ModelSettings:
     kernel_dim: int = 256
     grids: tuple[int, ...] = (40, 36, 24, 16, 12)
     freeze_at: int = 2  # trunk stages kept fixed: 0 none, 1 the stem, 2 + res2 (detectron2's default), ... 5 all
+    mask_stride: int = 4  # the mask features' stride: 4 (SOLOv2) | 2 (upsampled, fused with the image at stride 2)
 
     def __post_init__(self) -> None:
         k = "freesolo.model."
         for name in ("fpn_channels", "head_channels", "head_convs", "mask_channels", "kernel_dim"):
             _positive(k + name, getattr(self, name))
-        _check(len(self.grids) == 5 and all(g > 0 for g in self.grids), k + "grids",
+        require(len(self.grids) == 5 and all(g > 0 for g in self.grids), k + "grids",
                "must be 5 positive grid sizes (levels of stride 8, 8, 16, 32, 32)", self.grids)
-        _check(0 <= self.freeze_at <= 5, k + "freeze_at", "must be 0 (train all) to 5 (trunk fixed)", self.freeze_at)
+        require(0 <= self.freeze_at <= 5, k + "freeze_at", "must be 0 (train all) to 5 (trunk fixed)", self.freeze_at)
+        require(self.mask_stride in (2, 4), k + "mask_stride", "must be 4 or 2", self.mask_stride)
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ class InputSettings:
 
     def __post_init__(self) -> None:
         k = "freesolo.input."
-        _check(len(self.train_short_sides) > 0 and all(s >= 32 for s in self.train_short_sides),
+        require(len(self.train_short_sides) > 0 and all(s >= 32 for s in self.train_short_sides),
                k + "train_short_sides", "must be a non-empty list of sizes >= 32", self.train_short_sides)
         _positive(k + "max_side", self.max_side)
         _in_unit(k + "copy_paste_prob", self.copy_paste_prob)
@@ -216,10 +219,12 @@ class LossSettings:
     focal_gamma: float = 2.0
     centre_sigma: float = 0.2
     drop_loss_iou: float = 0.0  # > 0: CutLER's DropLoss on the category cells (losses.drop_loss_weights); 0: off
+    level_average: Literal["pooled", "per_level"] = "pooled"  # mask terms: a mean over every positive cell (ours)
+    #   | per_level: a mean within each FPN level, then over the levels with positives (the FreeSOLO release)
 
     def __post_init__(self) -> None:
         k = "freesolo.loss."
-        _check(len(self.scale_ranges) == 5 and all(0 <= lo < hi for lo, hi in self.scale_ranges), k + "scale_ranges",
+        require(len(self.scale_ranges) == 5 and all(0 <= lo < hi for lo, hi in self.scale_ranges), k + "scale_ranges",
                "must be 5 [low, high] pairs with low < high", self.scale_ranges)
         _positive(k + "pairwise_dilation", self.pairwise_dilation)
         for name in ("pairwise_colour_threshold", "focal_alpha", "centre_sigma", "drop_loss_iou"):
@@ -253,8 +258,8 @@ class SolverSettings:
         _in_unit(k + "warmup_factor", self.warmup_factor)
         for name in ("weight_decay", "warmup_iters", "clip_grad_norm"):
             _non_negative(k + name, getattr(self, name))
-        _check(0 <= self.ema_decay < 1, k + "ema_decay", "must be in [0, 1)", self.ema_decay)
-        _check(all(0 < f < 1 for f in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps),
+        require(0 <= self.ema_decay < 1, k + "ema_decay", "must be in [0, 1)", self.ema_decay)
+        require(all(0 < f < 1 for f in self.lr_steps) and list(self.lr_steps) == sorted(self.lr_steps),
                k + "lr_steps", "must be increasing fractions of iters in (0, 1)", self.lr_steps)
 
 
@@ -318,7 +323,7 @@ class ExemplarParams:
     def __post_init__(self) -> None:
         _non_negative("exemplar.min_pool", self.min_pool)
         _positive("exemplar.num_images", self.num_images)
-        _check(0 <= self.grabcut_rect_margin < 0.5, "exemplar.grabcut_rect_margin", "must be in [0, 0.5)",
+        require(0 <= self.grabcut_rect_margin < 0.5, "exemplar.grabcut_rect_margin", "must be in [0, 0.5)",
                self.grabcut_rect_margin)
         _positive("exemplar.grabcut_iterations", self.grabcut_iterations)
         _non_negative("exemplar.crop_margin", self.crop_margin)
@@ -362,12 +367,12 @@ class EECParams:
         _positive("eec.proj_tau", self.proj_tau)
         _non_negative("eec.start_iter", self.start_iter)
         if self.thresholds == "absolute":
-            _check(-1 <= self.beta < self.alpha <= 1, "eec.alpha",
+            require(-1 <= self.beta < self.alpha <= 1, "eec.alpha",
                    f"must be greater than eec.beta ({self.beta}) and both in [-1, 1] (cosines: eec.thresholds is "
                    f"absolute)", self.alpha)
         else:
             for name in ("alpha", "beta"):
-                _check(0 < getattr(self, name) < 1, f"eec.{name}",
+                require(0 < getattr(self, name) < 1, f"eec.{name}",
                        "must be in (0, 1) (a quantile: eec.thresholds is quantile)", getattr(self, name))
         _in_unit("eec.min_frac_used", self.min_frac_used)
         _positive("eec.calibration_images", self.calibration_images)
@@ -420,11 +425,11 @@ class PathSettings:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             key = f"paths.{f.name}"
-            _check(bool(value.strip()), key, "must be a non-empty folder", value)
+            require(bool(value.strip()), key, "must be a non-empty folder", value)
             norm = Path(value)
-            _check(not norm.is_absolute() and ".." not in norm.parts, key,
+            require(not norm.is_absolute() and ".." not in norm.parts, key,
                    "must be a folder inside the repository (relative, without ..)", value)
-            _check(str(norm) not in seen, key, f"must differ from paths.{seen.get(str(norm))}", value)
+            require(str(norm) not in seen, key, f"must differ from paths.{seen.get(str(norm))}", value)
             seen[str(norm)] = f.name
 
 
@@ -493,8 +498,8 @@ class Params:
     runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
     def __post_init__(self) -> None:
-        _check(bool(self.models) and set(self.models) <= set(MODELS) and len(set(self.models)) == len(self.models),
+        require(bool(self.models) and set(self.models) <= set(MODELS) and len(set(self.models)) == len(self.models),
                "models", f"must be distinct names among {', '.join(MODELS)}", list(self.models))
         iters = self.freesolo.solver.iters
-        _check(self.eec.start_iter < iters, "eec.start_iter", f"must be less than freesolo.solver.iters ({iters})",
+        require(self.eec.start_iter < iters, "eec.start_iter", f"must be less than freesolo.solver.iters ({iters})",
                self.eec.start_iter)

@@ -9,6 +9,7 @@ dense keys. Loss = (1 - w) * global InfoNCE + w * dense InfoNCE.
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 import math
 import time
 from pathlib import Path
@@ -127,30 +128,21 @@ def pretrain_backbone(manifest: str | Path, out_path: str | Path, ckpt_dir: str 
                       precision: str = "float32") -> dict:
     """Pretrain and write ``out_path``, with ``settings`` (``backbone.pretrain``) and ``runtime``
     (``runtime.pretrain``: logging and checkpoint intervals). ``settings.iters == 0`` writes the
-    seeded random initialisation. ``color_jitter`` and ``grayscale_prob``: see :func:`make_augment`. With ``precision`` bfloat16
-    the encoders run under bf16 autocast (the loss and the optimiser in float32)."""
-    t = settings
-    iters, batch_size, crop_size, lr, weight_decay, momentum = (t.iters, t.batch_size, t.crop_size, t.lr,
-                                                                t.weight_decay, t.momentum)
-    queue_size, temperature, dense_weight, proj_dim = t.queue_size, t.temperature, t.dense_weight, t.proj_dim
-    color_jitter, grayscale_prob = t.color_jitter, t.grayscale_prob
-    log_every, checkpoint_every = runtime.log_every, runtime.checkpoint_every
+    seeded random initialisation. ``color_jitter`` and ``grayscale_prob``: see :func:`make_augment`. With
+    ``precision`` bfloat16 the encoders run under bf16 autocast (the loss and the optimiser in float32)."""
     seed_everything(seed)
     records = load_manifest(manifest)
-    enc_q = DenseCLEncoder(arch, proj_dim).to(device)
-    if iters == 0:
+    enc_q = DenseCLEncoder(arch, settings.proj_dim).to(device)
+    if settings.iters == 0:
         make_live(live_dir).end()
         save_backbone(out_path, arch, enc_q.trunk.state_dict(), source=f"random-init(seed={seed})")
         return {"iters": 0}
     enc_k = copy.deepcopy(enc_q).requires_grad_(False)
-    queue_g = F.normalize(torch.randn(proj_dim, queue_size, device=device), dim=0)
-    queue_d = F.normalize(torch.randn(proj_dim, queue_size, device=device), dim=0)
-    opt = torch.optim.SGD(enc_q.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    fp = resume.fingerprint(arch=arch, seed=seed, iters=iters, batch_size=batch_size, crop_size=crop_size, lr=lr,
-                            weight_decay=weight_decay, momentum=momentum, queue_size=queue_size,
-                            temperature=temperature, dense_weight=dense_weight, proj_dim=proj_dim,
-                            color_jitter=color_jitter, grayscale_prob=grayscale_prob, precision=precision,
-                            images=[r["sha256"] for r in records])
+    queue_g = F.normalize(torch.randn(settings.proj_dim, settings.queue_size, device=device), dim=0)
+    queue_d = F.normalize(torch.randn(settings.proj_dim, settings.queue_size, device=device), dim=0)
+    opt = torch.optim.SGD(enc_q.parameters(), lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay)
+    fp = resume.fingerprint(arch=arch, seed=seed, precision=precision, images=[r["sha256"] for r in records],
+                            **asdict(settings))  # the same hash as when each setting was its own argument
     ckpt_path = Path(ckpt_dir) / "last.pt"
     start, ptr = 0, 0
     if (ck := resume.load_checkpoint(ckpt_path, fp)) is not None:
@@ -163,16 +155,16 @@ def pretrain_backbone(manifest: str | Path, out_path: str | Path, ckpt_dir: str 
         print(f"resuming pretraining from iteration {start} ({ckpt_path})")
     live = make_live(live_dir, resume_at=start if start > 0 else None)
     source = _ImageSource(records)
-    augment = make_augment(crop_size, color_jitter, grayscale_prob)
+    augment = make_augment(settings.crop_size, settings.color_jitter, settings.grayscale_prob)
     use_amp = precision == "bfloat16"
     enc_q.train()
     enc_k.train()
     t0 = time.time()
-    bar = tqdm(range(start, iters), desc="pretraining", initial=start, total=iters, disable=None)
+    bar = tqdm(range(start, settings.iters), desc="pretraining", initial=start, total=settings.iters, disable=None)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, iters, lr)
-        idx = torch.randint(len(source), (batch_size,))
+            group["lr"] = _lr_at(step, settings.iters, settings.lr)
+        idx = torch.randint(len(source), (settings.batch_size,))
         imgs = [source[int(i)] for i in idx]
         v1 = torch.stack([augment(im) for im in imgs]).to(device, non_blocking=True)
         v2 = torch.stack([augment(im) for im in imgs]).to(device, non_blocking=True)
@@ -180,10 +172,10 @@ def pretrain_backbone(manifest: str | Path, out_path: str | Path, ckpt_dir: str 
             f_q, g_q, d_q = enc_q(v1)
             with torch.no_grad():
                 for p_k, p_q in zip(enc_k.parameters(), enc_q.parameters()):
-                    p_k.mul_(momentum).add_(p_q.detach(), alpha=1 - momentum)
+                    p_k.mul_(settings.momentum).add_(p_q.detach(), alpha=1 - settings.momentum)
                 f_k, g_k, d_k = enc_k(v2)
         loss, loss_g, loss_d = densecl_loss(g_q.float(), g_k.float(), d_q.float(), d_k.float(), f_q.float(),
-                                            f_k.float(), queue_g, queue_d, temperature, dense_weight)
+                                            f_k.float(), queue_g, queue_d, settings.temperature, settings.dense_weight)
         if not torch.isfinite(loss):
             raise TrainingError(f"pretraining loss is {loss.item()} at iteration {step}; the last good checkpoint "
                                f"is kept in {ckpt_path}")
@@ -193,11 +185,11 @@ def pretrain_backbone(manifest: str | Path, out_path: str | Path, ckpt_dir: str 
         with torch.no_grad():  # enqueue the keys, overwriting the oldest
             keys_g = F.normalize(g_k.float(), dim=1)
             keys_d = F.normalize(F.normalize(d_k.float().flatten(2), dim=1).mean(2), dim=1)
-            cols = (torch.arange(batch_size, device=device) + ptr) % queue_size
+            cols = (torch.arange(settings.batch_size, device=device) + ptr) % settings.queue_size
             queue_g[:, cols] = keys_g.T
             queue_d[:, cols] = keys_d.T
-            ptr = (ptr + batch_size) % queue_size
-        if (step + 1) % log_every == 0 or step + 1 == iters:
+            ptr = (ptr + settings.batch_size) % settings.queue_size
+        if (step + 1) % runtime.log_every == 0 or step + 1 == settings.iters:
             live.step = step + 1
             live.log_metric("pretrain/loss", loss.item())
             live.log_metric("pretrain/loss_global", loss_g.item())
@@ -205,11 +197,11 @@ def pretrain_backbone(manifest: str | Path, out_path: str | Path, ckpt_dir: str 
             live.log_metric("pretrain/lr", opt.param_groups[0]["lr"])
             live.next_step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == iters:
+        if (step + 1) % runtime.checkpoint_every == 0 or step + 1 == settings.iters:
             resume.save_checkpoint(ckpt_path, fp, step + 1, {
                 "enc_q": enc_q.state_dict(), "enc_k": enc_k.state_dict(), "opt": opt.state_dict(),
                 "queue_g": queue_g.cpu(), "queue_d": queue_d.cpu(), "ptr": ptr})
     live.end()
     save_backbone(out_path, arch, enc_q.trunk.state_dict(),
-                  source=f"densecl-pretrain(iters={iters}, seed={seed}, precision={precision})")
-    return {"iters": iters, "seconds": time.time() - t0, "precision": precision}
+                  source=f"densecl-pretrain(iters={settings.iters}, seed={seed}, precision={precision})")
+    return {"iters": settings.iters, "seconds": time.time() - t0, "precision": precision}

@@ -243,13 +243,6 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     With an extra term, the norm of its gradient relative to the rest of the loss's, on the
     parameters they share (the trunk's trainable ones), is logged as ``eec/grad_ratio``.
     """
-    iters, batch_size, lr, momentum, weight_decay = (solver.iters, solver.batch_size, solver.lr, solver.momentum,
-                                                     solver.weight_decay)
-    warmup_iters, warmup_factor, lr_schedule, lr_steps = (solver.warmup_iters, solver.warmup_factor,
-                                                          solver.lr_schedule, solver.lr_steps)
-    clip_grad_norm, ema_decay = solver.clip_grad_norm, solver.ema_decay
-    train_short_sides, max_side, copy_paste_prob = inputs.train_short_sides, inputs.max_side, inputs.copy_paste_prob
-    log_every, checkpoint_every, eval_every = runtime.log_every, runtime.checkpoint_every, runtime.eval_every
     rank, world, local = dist_env()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -266,19 +259,15 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    fp = resume.fingerprint(arch=asdict(arch), seed=seed, iters=iters, batch_size=batch_size, lr=lr,
-                            momentum=momentum, weight_decay=weight_decay, warmup=(warmup_iters, warmup_factor),
-                            schedule=(lr_schedule, tuple(lr_steps)), clip=clip_grad_norm, ema=ema_decay,
-                            sides=train_short_sides, max_side=max_side, losses=asdict(losses),
-                            copy_paste=copy_paste_prob, world=world, precision=precision,
-                            labels=file_sha256(labels),
+    opt = torch.optim.SGD(params, lr=solver.lr, momentum=solver.momentum, weight_decay=solver.weight_decay)
+    fp = resume.fingerprint(arch=asdict(arch), seed=seed, solver=asdict(solver), inputs=asdict(inputs),
+                            losses=asdict(losses), world=world, precision=precision, labels=file_sha256(labels),
                             backbone=file_sha256(backbone), extra=fingerprint_extra or {})
     g_cpu = torch.Generator().manual_seed(seed)
     g_dev = torch.Generator(device=device).manual_seed(seed + 1)
     ckpt_path = Path(ckpt_dir) / "last.pt"
     start = 0
-    ema = WeightAverage(model, ema_decay) if ema_decay > 0 else None
+    ema = WeightAverage(model, solver.ema_decay) if solver.ema_decay > 0 else None
     ck = resume.load_checkpoint(ckpt_path, fp)
     if ck is not None and state_path is not None and ck["step"] > state_at and not _has_state(state_path, fp, state_at):
         print(f"{state_path}: the training state after {state_at} iterations is not on disk; training again "
@@ -318,31 +307,33 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     bad = torch.zeros((), dtype=torch.bool, device=device)
     logs: dict[str, torch.Tensor] = {}
     t0, seen, t_eval = time.time(), 0, 0.0
-    bar = tqdm(range(start, iters), desc=log_prefix, initial=start, total=iters, disable=None if rank == 0 else True)
+    bar = tqdm(range(start, solver.iters), desc=log_prefix, initial=start, total=solver.iters,
+               disable=None if rank == 0 else True)
     for step in bar:
         if state_path is not None and step == state_at and rank == 0:
             _save_state(state_path, fp, step, model, opt, ema, g_cpu, g_dev)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr, iters, warmup_iters, warmup_factor, lr_schedule, lr_steps)
-        idx = epoch_order(len(data), seed, step, batch_size)
-        flips = (torch.rand(batch_size, generator=g_cpu) < 0.5).tolist()
-        side = train_short_sides[int(torch.randint(len(train_short_sides), (1,), generator=g_cpu))]
-        mine = list(range(rank, batch_size, world))  # this process's share of the global batch
-        batch: Batch = make_batch([data.load(int(idx[i])) for i in mine], side, max_side,
+            group["lr"] = lr_at(step, solver.lr, solver.iters, solver.warmup_iters, solver.warmup_factor,
+                                solver.lr_schedule, solver.lr_steps)
+        idx = epoch_order(len(data), seed, step, solver.batch_size)
+        flips = (torch.rand(solver.batch_size, generator=g_cpu) < 0.5).tolist()
+        side = inputs.train_short_sides[int(torch.randint(len(inputs.train_short_sides), (1,), generator=g_cpu))]
+        mine = list(range(rank, solver.batch_size, world))  # this process's share of the global batch
+        batch: Batch = make_batch([data.load(int(idx[i])) for i in mine], side, inputs.max_side,
                                   [flips[i] for i in mine]).to(device)
-        strong = strong_view(batch.images, g_dev, batch_size, torch.tensor(mine))
-        strong, s_masks, s_embeds = copy_paste(strong, batch.masks, batch.embeds, g_dev, copy_paste_prob)
+        strong = strong_view(batch.images, g_dev, solver.batch_size, torch.tensor(mine))
+        strong, s_masks, s_embeds = copy_paste(strong, batch.masks, batch.embeds, g_dev, inputs.copy_paste_prob)
         images = torch.cat([batch.images, strong])
         masks, embeds = batch.masks + s_masks, batch.embeds + s_embeds
         x = normalise(images)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            view_rows = torch.tensor(mine + [batch_size + i for i in mine])  # weak views, then strong
-            out, extra = net(x, images, masks, step, view_rows, 2 * batch_size)
+            view_rows = torch.tensor(mine + [solver.batch_size + i for i in mine])  # weak views, then strong
+            out, extra = net(x, images, masks, step, view_rows, 2 * solver.batch_size)
         terms = solo_losses(out, images, masks, embeds, arch.grids, losses, step)
         loss = terms["total"]
-        at_log = (step + 1) % log_every == 0 or step + 1 == iters
+        at_log = (step + 1) % runtime.log_every == 0 or step + 1 == solver.iters
         if extra:
             extra_total = extra.pop("total")
             if at_log and world == 1 and shared and extra_total.requires_grad:
@@ -357,19 +348,20 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
         bad |= ~torch.isfinite(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        if solver.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, solver.clip_grad_norm)
         opt.step()
         if ema is not None:
             ema.update(model)
-        seen += batch_size
+        seen += solver.batch_size
         logs = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items() if k != "total"}}
-        at_ckpt = (step + 1) % checkpoint_every == 0 or step + 1 == iters
+        at_ckpt = (step + 1) % runtime.checkpoint_every == 0 or step + 1 == solver.iters
         if at_log or at_ckpt:
             if bool(bad):
                 raise TrainingError(f"{log_prefix}: non-finite loss before iteration {step + 1}; stopped, the last "
                                     f"good checkpoint is kept in {ckpt_path}")
-        at_eval = evaluator is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or step + 1 == iters)
+        at_eval = evaluator is not None and runtime.eval_every > 0 and (
+            (step + 1) % runtime.eval_every == 0 or step + 1 == solver.iters)
         if (at_log or at_eval) and live is not None:
             live.step = step + 1
             if at_log:
@@ -394,11 +386,12 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
                         {"sums": extra_sums, "steps": extra_steps, "ratio_sum": ratio_sum, "ratio_n": ratio_n}
                         if extra_loss is not None else None)
     seconds = time.time() - t0 - t_eval
-    stats = {"iters": iters, "precision": precision, "seconds": round(seconds, 1),
+    stats = {"iters": solver.iters, "precision": precision, "seconds": round(seconds, 1),
              "images_per_second": round(seen * world / max(seconds, 1e-9), 2),
              "final": {k: round(float(v), 4) for k, v in logs.items()},
              # the loop evaluates its last iteration whenever it runs one
-             "evaluated_at_end": live is not None and evaluator is not None and eval_every > 0 and start < iters}
+             "evaluated_at_end": (live is not None and evaluator is not None and runtime.eval_every > 0
+                                  and start < solver.iters)}
     if extra_steps:  # this run's mean of each extra diagnostic (eec/frac_used, ...)
         stats["extra_mean"] = {k: round(float(v) / extra_steps, 4) for k, v in extra_sums.items()}
         if ratio_n:  # measured at the logging steps only
@@ -411,7 +404,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
         # deterministic metadata only (timings are in the stage's metrics), so identical
         # weights give an identical file and DVC does not re-run what depends on it
         save_model(out_path, ema.averaged(model) if ema is not None else model, {
-            "fingerprint": fp, "iters": iters, "precision": precision, "input_size": [max(train_short_sides), max_side],
+            "fingerprint": fp, "iters": solver.iters, "precision": precision,
+            "input_size": [max(inputs.train_short_sides), inputs.max_side],
             **(model_meta or {})})
     if world > 1:
         dist.barrier()

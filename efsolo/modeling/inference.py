@@ -33,7 +33,7 @@ def point_nms(heat: torch.Tensor) -> torch.Tensor:
 
 def postprocess(out: SOLOOutput, index: int, s: TestSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image's instances at mask-feature resolution, best first:
-    (soft masks (K, H/4, W/4), scores (K,), predicted embeddings (K, D)).
+    (soft masks (K, H/s, W/s), s = ``out.mask_stride``, scores (K,), predicted embeddings (K, D)).
 
     A candidate's score is its category score times its maskness (the mean soft value inside
     its binary mask) raised to ``s.maskness_power``; Matrix NMS then decays it and
@@ -51,7 +51,7 @@ def postprocess(out: SOLOOutput, index: int, s: TestSettings) -> tuple[torch.Ten
     soft = torch.sigmoid(dynamic_masks(kernels, out.mask_feat[index].float()))
     binary = soft > s.mask_threshold
     area = binary.flatten(1).sum(1).float()
-    keep = area > strides
+    keep = area * (out.mask_stride / 4) ** 2 > strides  # the release's filter, on the area at stride 4
     soft, binary, area, scores, embeds = soft[keep], binary[keep], area[keep], scores[keep], embeds[keep]
     if scores.numel() == 0:
         return soft, scores, embeds
@@ -68,7 +68,7 @@ def postprocess(out: SOLOOutput, index: int, s: TestSettings) -> tuple[torch.Ten
 
 def to_image_masks(soft: torch.Tensor, content: tuple[int, int], padded: tuple[int, int], original: tuple[int, int],
                    mask_threshold: float = 0.5) -> np.ndarray:
-    """Soft masks (K, H/4, W/4) -> binary masks (K, H0, W0) of the original image."""
+    """Soft masks (K, H/s, W/s) -> binary masks (K, H0, W0) of the original image."""
     if soft.shape[0] == 0:
         return np.zeros((0, *original), bool)
     up = F.interpolate(soft.unsqueeze(0), size=padded, mode="bilinear", align_corners=False)[0]

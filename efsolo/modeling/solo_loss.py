@@ -26,21 +26,41 @@ def _global_count(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _per_level_terms(logits: list, targets: list, boxes: list, sims: list, pred_emb: list, tgt_emb: list,
+                     levels: list[int], ls: LossSettings) -> tuple[torch.Tensor, ...]:
+    """The mask and semantic terms as the FreeSOLO release combines them: each term's mean within an
+    FPN level, then the mean over the levels that have positives, so a level with few (large)
+    objects weighs as much as a crowded one. Per-process means, as the release's: under DDP the
+    gradients are averaged over processes rather than normalised by global counts."""
+    terms = []
+    for level in sorted(set(levels)):
+        at = [j for j, lv in enumerate(levels) if lv == level]
+        lg, tg = torch.cat([logits[j] for j in at]), torch.cat([targets[j] for j in at])
+        probs = torch.sigmoid(lg)
+        terms.append(torch.stack([
+            max_projection_loss(probs, tg), avg_projection_loss(probs, tg),
+            pairwise_loss(lg, torch.cat([sims[j] for j in at]), torch.cat([boxes[j] for j in at]),
+                          ls.pairwise_colour_threshold, ls.pairwise_dilation),
+            semantic_loss(torch.cat([pred_emb[j] for j in at]), torch.cat([tgt_emb[j] for j in at]))]))
+    return tuple(torch.stack(terms).mean(0))
+
+
 def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor], embeds: list[torch.Tensor],
                 grids: tuple[int, ...], ls: LossSettings, step: int) -> dict[str, torch.Tensor]:
     """FreeSOLO losses of one batch of views.
 
     out: network outputs for B views; images (B, 3, H, W) RGB in [0, 1]; masks[b] (N_b, H, W)
     bool and embeds[b] (N_b, D) the pseudo-labels of view b. Returns the named terms and
-    ``total`` = gamma * avg_proj + max_proj + warm-up * pairwise + focal + mu * sem. Under DDP
+    ``total`` = gamma * avg_proj + max_proj + warm-up * pairwise + focal + mu * sem. The mask and
+    semantic terms average over every positive cell, or per level first (``ls.level_average``). Under DDP
     the normalisers (positives, pairwise weights) are summed over processes, as detection
     frameworks do, so the gradients equal those of one process holding the whole batch.
     """
     b, dev = images.shape[0], images.device
     fh, fw = out.mask_feat.shape[-2:]
-    sim = colour_similarity(F.avg_pool2d(images.float(), 4)[..., :fh, :fw], ls.pairwise_dilation)  # (B, 8, h, w)
+    sim = colour_similarity(F.avg_pool2d(images.float(), out.mask_stride)[..., :fh, :fw], ls.pairwise_dilation)  # (B, 8, h, w)
     cate_logits, cate_targets, cate_weights = [], [], []
-    logits, targets, boxes, sims, pred_emb, tgt_emb = [], [], [], [], [], []
+    logits, targets, boxes, sims, pred_emb, tgt_emb, levels = [], [], [], [], [], [], []
     for i in range(b):
         # target assignment on the CPU copy of the masks: one transfer per view, then no
         # host-device synchronisation (.item(), nonzero) on the training device
@@ -64,9 +84,10 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
             pos = pos.to(dev, non_blocking=True)
             kernels = out.kernels[level][i].flatten(1)[:, pos].T
             logits.append(dynamic_masks(kernels.float(), out.mask_feat[i].float()))
+            levels.append(level)
             t = m4[inst]
             targets.append(t)
-            rows, cols = t.any(2), t.any(1)  # (K, h), (K, w): the pseudo mask's box at stride 4
+            rows, cols = t.any(2), t.any(1)  # (K, h), (K, w): the pseudo mask's box at the mask features' stride
             ys = torch.arange(fh, device=dev)
             xs = torch.arange(fw, device=dev)
             y0 = torch.where(rows, ys, fh).amin(1)
@@ -80,7 +101,10 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
             tgt_emb.append(embeds[i][inst])
     ref = out.mask_feat
     n_local = torch.tensor(float(sum(t.shape[0] for t in targets)), device=dev)
-    if logits:
+    if logits and ls.level_average == "per_level":
+        _global_count(n_local), _global_count(n_local)  # matched with the other branches' collective calls
+        l_max, l_avg, l_pair, l_sem = _per_level_terms(logits, targets, boxes, sims, pred_emb, tgt_emb, levels, ls)
+    elif logits:
         lg, tg = torch.cat(logits), torch.cat(targets)
         probs = torch.sigmoid(lg)
         box = torch.cat(boxes)

@@ -2,8 +2,8 @@
 
 ResNet trunk -> FPN (P2..P6) -> a head shared over five instance levels (P2 at stride 8,
 P3, P4, P5, P6 at P5's size) giving, per grid cell, a foreground logit, a dynamic kernel and
-a semantic embedding; and a mask-feature branch at stride 4. A cell's mask logits are its
-kernel applied as a 1x1 convolution to the mask features.
+a semantic embedding; and a mask-feature branch at stride 4 (or 2: ``mask_stride``). A cell's
+mask logits are its kernel applied as a 1x1 convolution to the mask features.
 """
 from __future__ import annotations
 
@@ -99,7 +99,12 @@ class SOLOHead(nn.Module):
 
 
 class MaskBranch(nn.Module):
-    """P2..P5 -> mask features (B, E, H/4, W/4): each level to stride 4 and summed (P5 with coordinates)."""
+    """P2..P5 -> mask features (B, E, H/s, W/s), s = ``mask_stride``: each level to stride 4 and
+    summed (P5 with coordinates). At stride 2 the sum is upsampled and fused with a convolution of
+    the image itself at stride 2: the only input finer than P2, so that masks can follow edges
+    finer than the labels' grid (the pairwise term rewards that)."""
+
+    IMAGE_CHANNELS = 16
 
     def __init__(self, cin: int, a: SOLOArch) -> None:
         super().__init__()
@@ -110,9 +115,15 @@ class MaskBranch(nn.Module):
                 layers += [nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                            _conv_gn_relu(a.mask_channels, a.mask_channels)]
             self.levels.append(nn.Sequential(*layers))
+        self.stride = a.mask_stride
+        if self.stride == 2:
+            self.image = nn.Sequential(nn.Conv2d(3, self.IMAGE_CHANNELS, 3, stride=2, padding=1, bias=False),
+                                       _gn(self.IMAGE_CHANNELS), nn.ReLU(inplace=True))
+            self.fine = _conv_gn_relu(a.mask_channels + self.IMAGE_CHANNELS, a.mask_channels)
         self.out = _conv_gn_relu(a.mask_channels, a.kernel_dim, k=1)
 
-    def forward(self, ps: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, ps: list[torch.Tensor], image: torch.Tensor | None = None) -> torch.Tensor:
+        """ps: P2..P5 (B, C, H/4, W/4) .. (B, C, H/32, W/32); image (B, 3, H, W), read at stride 2 only."""
         size = ps[0].shape[-2:]
         total = 0
         for i, (level, p) in enumerate(zip(self.levels, ps[:4])):
@@ -122,6 +133,12 @@ class MaskBranch(nn.Module):
             if y.shape[-2:] != size:
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             total = total + y
+        if self.stride == 2:
+            if image is None:
+                raise ValueError("a mask branch at stride 2 reads the image: pass it")
+            fine = self.image(image)
+            total = F.interpolate(total, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+            total = self.fine(torch.cat([total, fine], dim=1))
         return self.out(total)
 
 
@@ -129,8 +146,9 @@ class SOLOOutput(NamedTuple):
     cates: list[torch.Tensor]  # per level (B, 1, S, S) logits
     kernels: list[torch.Tensor]  # per level (B, E, S, S)
     embeds: list[torch.Tensor]  # per level (B, D, S, S)
-    mask_feat: torch.Tensor  # (B, E, H/4, W/4)
+    mask_feat: torch.Tensor  # (B, E, H/s, W/s), s = mask_stride
     trunk: dict[str, torch.Tensor] | None = None  # the backbone embeddings C2..C5 (used by the EEC module)
+    mask_stride: int = 4
 
 
 class SOLO(nn.Module):
@@ -162,13 +180,14 @@ class SOLO(nn.Module):
 
     def forward(self, x: torch.Tensor) -> SOLOOutput:
         """x (B, 3, H, W) normalised, H and W multiples of 32."""
-        return self.forward_from_trunk(self.trunk(x))
+        return self.forward_from_trunk(self.trunk(x), x)
 
-    def forward_from_trunk(self, c: dict[str, torch.Tensor]) -> SOLOOutput:
-        """The FPN, heads and mask branch over the trunk's features C2..C5."""
+    def forward_from_trunk(self, c: dict[str, torch.Tensor], image: torch.Tensor | None = None) -> SOLOOutput:
+        """The FPN, heads and mask branch over the trunk's features C2..C5 (and the normalised
+        image, which a mask branch at stride 2 reads)."""
         ps = self.fpn([c["c2"], c["c3"], c["c4"], c["c5"]])
         cates, kernels, embeds = self.head(level_features(ps))
-        return SOLOOutput(cates, kernels, embeds, self.mask_branch(ps[:4]), c)
+        return SOLOOutput(cates, kernels, embeds, self.mask_branch(ps[:4], image), c, self.mask_branch.stride)
 
 
 def level_features(ps: list[torch.Tensor]) -> list[torch.Tensor]:
