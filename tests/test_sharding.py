@@ -117,4 +117,9 @@ def test_two_processes_label_and_merge_like_one(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_worker, args=(port, str(root)), nprocs=2, join=True)
-    assert _outputs(tmp_path / "two")[0] == _outputs(tmp_path / "one")[0]
+    two, one = _outputs(tmp_path / "two")[0], _outputs(tmp_path / "one")[0]
+    # the workers run 1 thread each: on CPUs where oneDNN splits reductions by thread (avx512), scores
+    # differ in the 7th digit; everything else, masks included, is exact
+    scores = lambda d: np.array([a.pop("score") for a in d["annotations"]])  # noqa: E731
+    assert np.allclose(scores(two), scores(one), rtol=0, atol=1e-5)
+    assert two == one
