@@ -212,10 +212,11 @@ def exemplar_freesolo(p: Params) -> dict:
     """FreeSOLO training plus lambda_eec * L_eec, then predictions on val. Stops with one line when
     the pool is smaller than ``exemplar.min_pool``, or when the EEC engages (an image with a
     positive and a negative) on fewer than ``eec.min_frac_used`` of the images: before training,
-    on the pool stage's measured cosines, and after it, on the training's own mean."""
+    on the pool stage's measured cosines, and after it, on the training's own mean and on its mean over
+    the last quarter of the training (an EEC that went silent late)."""
     from efsolo.engine.self_training import self_train
     from efsolo.exemplars.eec import (EECModule, ExemplarFeatures, engaged_fraction, engagement_error, load_objects,
-                                      load_pool, make_eec_loss, selection_thresholds)
+                                      load_pool, make_eec_loss, selection_thresholds, training_engagement_error)
     from efsolo.data.images import file_sha256
     from efsolo.modeling.backbone import feature_channels
 
@@ -262,12 +263,10 @@ def exemplar_freesolo(p: Params) -> dict:
                                       "init_state": file_sha256(files.model("freesolo_start"))},
                    extra_stats={"thresholds": {"positive_cosine": round(thresholds[0], 4),
                                                "negative_cosine": round(thresholds[1], 4)}}, **kwargs)
-    used = stats["round1"].get("extra_mean", {}).get("frac_used")
-    if used is not None:
-        problem = engagement_error(str(files.metrics / "train" / "exemplar_freesolo.json"), used, e.min_frac_used,
-                                   e.thresholds, e.alpha, e.beta, thresholds, cosines, source)
-        if problem:
-            raise EfsoloError(problem + " (mean over the training's EEC iterations)")
+    problem = training_engagement_error(str(files.metrics / "train" / "exemplar_freesolo.json"), stats["round1"],
+                                        e.min_frac_used, e.thresholds, e.alpha, e.beta, thresholds, cosines, source)
+    if problem:
+        raise EfsoloError(problem)
     return stats
 
 

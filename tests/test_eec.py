@@ -243,3 +243,22 @@ def test_a_pool_far_from_every_image_stops_exemplar_freesolo(tmp_path, monkeypat
     assert "eec.alpha 0.8" in err and "eec.thresholds: quantile" in err and "percentiles" in err
     a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
     assert 0.3 <= engaged_fraction(cos, a, b) <= 0.7
+
+
+def test_the_guard_refuses_an_eec_that_went_silent_late():
+    """A training whose EEC engaged early and then on no image: its mean over the run (0.2) passes
+    eec.min_frac_used 0.1, its mean over the last quarter (0.0) does not; one line says which."""
+    from efsolo.exemplars.eec import training_engagement_error
+
+    cos = np.array([[0.9, 0.1], [0.2, 0.1]])
+    args = ("stats.json", 0.1, "absolute", 0.8, 0.3, (0.8, 0.3), cos, "2 images")
+    silent = {"iters": 900, "extra_mean": {"frac_used": 0.2}, "extra_tail_mean": {"from_iter": 675, "frac_used": 0.0}}
+    err = training_engagement_error(args[0], silent, *args[1:])
+    assert err is not None and "\n" not in err
+    assert err.startswith("stats.json: the EEC engaged on 0.00% of the images") and "iterations 676-900" in err
+    assert "went silent" in err and "eec.min_frac_used (10%)" in err
+    alive = {**silent, "extra_tail_mean": {"from_iter": 675, "frac_used": 0.15}}
+    assert training_engagement_error(args[0], alive, *args[1:]) is None
+    never = {"iters": 900, "extra_mean": {"frac_used": 0.05}, "extra_tail_mean": {"from_iter": 675, "frac_used": 0.0}}
+    assert "mean over the training's EEC iterations" in training_engagement_error(args[0], never, *args[1:])
+    assert training_engagement_error(args[0], {"iters": 900}, *args[1:]) is None  # no EEC iterations: nothing to judge

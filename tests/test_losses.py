@@ -96,3 +96,35 @@ def test_empty_pairwise_and_semantic():
     s = semantic_loss(emb, torch.zeros(0, 4))
     s.backward()
     assert s.item() == 0.0 and emb.grad is not None
+
+
+def test_pairwise_loss_equals_its_definition_pixel_by_pixel():
+    """The loss (each unordered pair computed once, with both directions' weights) equals the sum,
+    over every pixel inside the box and each of its 8 neighbours at the dilation whose colour
+    similarity passes the threshold, of -log(p_i p_j + (1 - p_i)(1 - p_j)), a neighbour outside
+    the image adding 0, divided by the number of such (pixel, neighbour) weights; and so does its
+    gradient's sum of terms."""
+    g = torch.Generator().manual_seed(0)
+    k, h, w, d = 2, 5, 6, 2
+    logits = (torch.randn(k, h, w, generator=g, dtype=torch.float64) * 2).requires_grad_(True)
+    sim = torch.rand(k, 8, h, w, generator=g, dtype=torch.float64)
+    box = torch.rand(k, h, w, generator=g) > 0.3
+    offsets = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+    p = torch.sigmoid(logits)
+    total, count = 0.0, 0
+    for n in range(k):
+        for y in range(h):
+            for x in range(w):
+                for o, (dy, dx) in enumerate(offsets):
+                    if not (box[n, y, x] and sim[n, o, y, x] >= 0.3):
+                        continue
+                    count += 1
+                    yy, xx = y + dy * d, x + dx * d
+                    if 0 <= yy < h and 0 <= xx < w:
+                        total = total - torch.log(p[n, y, x] * p[n, yy, xx] + (1 - p[n, y, x]) * (1 - p[n, yy, xx]))
+    expected = total / count
+    got = pairwise_loss(logits, sim, box, 0.3, d)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    (g_got,) = torch.autograd.grad(got, logits)
+    (g_exp,) = torch.autograd.grad(expected, logits)
+    assert torch.allclose(g_got, g_exp, atol=1e-12)

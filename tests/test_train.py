@@ -86,6 +86,9 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tiny, monkeypatch, ema
     a, b = _weights(tiny / f"straight{name}.pt"), _weights(tiny / f"resumed{name}.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.get("extra_mean") == stats.get("extra_mean")
+    assert resumed.get("extra_tail_mean") == stats.get("extra_tail_mean")
+    if eec_refresh:  # 4 iterations: the last quarter is the last one
+        assert stats["extra_tail_mean"]["from_iter"] == 3 and "frac_used" in stats["extra_tail_mean"]
     assert (tiny / f"live_straight{name}" / "metrics.json").exists()
 
 

@@ -298,10 +298,17 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
     # checkpoints, so a resumed run reports the means of the whole training)
     extra_sums: dict[str, torch.Tensor] = {}
     extra_steps, ratio_sum, ratio_n = 0, torch.zeros((), device=device), 0
+    # and over the training's last quarter: an extra term that went silent late is not hidden by its
+    # mean over the whole run
+    tail_from = solver.iters - max(1, solver.iters // 4)
+    tail_sums: dict[str, torch.Tensor] = {}
+    tail_steps = 0
     if ck is not None and "extra_means" in ck:
         sums = ck["extra_means"]
         extra_sums = {k: v.to(device) for k, v in sums["sums"].items()}
         extra_steps, ratio_sum, ratio_n = sums["steps"], sums["ratio_sum"].to(device), sums["ratio_n"]
+        tail_sums = {k: v.to(device) for k, v in sums.get("tail_sums", {}).items()}
+        tail_steps = sums.get("tail_steps", 0)
     use_amp = precision == "bfloat16"
     model.train()
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -342,9 +349,12 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             loss = loss + extra_total
             terms.update({f"eec/{k}": v for k, v in extra.items()})
             extra_steps += 1
+            tail_steps += step >= tail_from
             for k, v in extra.items():
                 if k != "grad_ratio":
                     extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().float()
+                    if step >= tail_from:
+                        tail_sums[k] = tail_sums.get(k, 0.0) + v.detach().float()
         bad |= ~torch.isfinite(loss.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -383,7 +393,8 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
             live.next_step()
         if at_ckpt and rank == 0:
             _save_state(ckpt_path, fp, step + 1, model, opt, ema, g_cpu, g_dev,
-                        {"sums": extra_sums, "steps": extra_steps, "ratio_sum": ratio_sum, "ratio_n": ratio_n}
+                        {"sums": extra_sums, "steps": extra_steps, "ratio_sum": ratio_sum, "ratio_n": ratio_n,
+                         "tail_sums": tail_sums, "tail_steps": tail_steps}
                         if extra_loss is not None else None)
     seconds = time.time() - t0 - t_eval
     stats = {"iters": solver.iters, "precision": precision, "seconds": round(seconds, 1),
@@ -396,6 +407,9 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
         stats["extra_mean"] = {k: round(float(v) / extra_steps, 4) for k, v in extra_sums.items()}
         if ratio_n:  # measured at the logging steps only
             stats["extra_mean"]["grad_ratio"] = round(float(ratio_sum) / ratio_n, 4)
+    if tail_steps:  # the same means over the training's last quarter (iterations tail_from + 1 ..)
+        stats["extra_tail_mean"] = {"from_iter": tail_from,
+                                    **{k: round(float(v) / tail_steps, 4) for k, v in tail_sums.items()}}
     if device.type == "cuda":
         stats["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
     if rank == 0:

@@ -374,6 +374,26 @@ def engagement_error(where: str, fraction: float, minimum: float, mode: str, alp
             f"use eec.thresholds: quantile, or lower eec.min_frac_used")
 
 
+def training_engagement_error(where: str, round_stats: dict, minimum: float, mode: str, alpha: float, beta: float,
+                              thresholds: tuple[float, float], cosines: np.ndarray, source: str) -> str | None:
+    """The one-line error for a finished training whose EEC engaged on fewer than ``minimum`` of the
+    images, on average over its EEC iterations (``extra_mean``) or over the training's last quarter
+    (``extra_tail_mean``: an EEC that went silent late, its mean over the run still above the
+    minimum), or None."""
+    used = round_stats.get("extra_mean", {}).get("frac_used")
+    if used is not None:
+        problem = engagement_error(where, used, minimum, mode, alpha, beta, thresholds, cosines, source)
+        if problem:
+            return problem + " (mean over the training's EEC iterations)"
+    tail = round_stats.get("extra_tail_mean", {})
+    if tail.get("frac_used") is not None:
+        problem = engagement_error(where, tail["frac_used"], minimum, mode, alpha, beta, thresholds, cosines, source)
+        if problem:
+            return problem + (f" (mean over the training's last quarter, iterations {tail['from_iter'] + 1}-"
+                              f"{round_stats['iters']}: the EEC went silent)")
+    return None
+
+
 def start_trunk(backbone: str | Path, start_state: str | Path | None) -> ResNetTrunk:
     """The trunk Exemplar-FreeSOLO starts from: the backbone, with the trunk weights of a training
     state (``models/freesolo_start.pt``) when one is given."""

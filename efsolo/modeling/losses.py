@@ -37,10 +37,22 @@ def avg_projection_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def _neighbours(x: torch.Tensor, dilation: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, 8, H, W): the 8 neighbours at ``dilation`` of every pixel (zero padded)."""
-    n, c, h, w = x.shape
-    cols = F.unfold(x, kernel_size=3, dilation=dilation, padding=dilation).view(n, c, 9, h, w)
-    return torch.cat([cols[:, :, :4], cols[:, :, 5:]], dim=2)
+    """(N, C, H, W) -> (N, C, 8, H, W): the 8 neighbours at ``dilation`` of every pixel (zero padded),
+    in the order of ``NEIGHBOUR_OFFSETS``."""
+    return torch.stack([shift(x, dy, dx, dilation) for dy, dx in NEIGHBOUR_OFFSETS], dim=2)
+
+
+# (dy, dx) of the 8 neighbours, row-major (unfold's order without the centre): offset o and 7 - o
+# are opposite
+NEIGHBOUR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def shift(x: torch.Tensor, dy: int, dx: int, dilation: int) -> torch.Tensor:
+    """(..., H, W) -> (..., H, W): y[..., i, j] = x[..., i + dy * dilation, j + dx * dilation], 0 outside."""
+    h, w = x.shape[-2:]
+    d = dilation
+    p = F.pad(x, (d, d, d, d))
+    return p[..., d + dy * d: d + dy * d + h, d + dx * d: d + dx * d + w]
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
@@ -58,7 +70,8 @@ def colour_similarity(rgb: torch.Tensor, dilation: int = 2) -> torch.Tensor:
     """exp(-0.5 * ||Lab_i - Lab_j||) between every pixel and its 8 neighbours. (B, 3, H, W) -> (B, 8, H, W)."""
     lab = rgb_to_lab(rgb)
     diff = lab.unsqueeze(2) - _neighbours(lab, dilation)
-    return torch.exp(-0.5 * diff.norm(dim=1))
+    # the norm as sqrt(sum of squares): torch's norm over a non-innermost dim is ~100x slower on the CPU
+    return torch.exp(-0.5 * diff.square().sum(1).sqrt())
 
 
 def pairwise_loss(logits: torch.Tensor, similarity: torch.Tensor, box_masks: torch.Tensor,
@@ -66,17 +79,33 @@ def pairwise_loss(logits: torch.Tensor, similarity: torch.Tensor, box_masks: tor
     """BoxInst pairwise affinity: -log P(pixel and neighbour take the same label).
 
     logits (K, H, W) mask logits; similarity (K, 8, H, W) colour similarity of each instance's
-    image; box_masks (K, H, W) 1 inside the instance's pseudo box. Weighted by
-    (similarity >= threshold) x (inside the box), averaged over the weights.
+    image; box_masks (K, H, W) 1 inside the instance's pseudo box. Each pixel's term towards each
+    of its 8 neighbours (a neighbour outside the image: 0) is weighted by (similarity >= threshold)
+    x (pixel inside the box), and the sum is divided by the sum of the weights.
+
+    With p = sigmoid(x), P(same) = p_i p_j + (1 - p_i)(1 - p_j), so
+    -log P(same) = softplus(x_i) + softplus(x_j) - softplus(x_i + x_j), symmetric in i and j: it is
+    computed once per unordered pair (4 of the 8 offsets), with the weights of both directions.
     """
     if logits.shape[0] == 0:
         return _zero(logits)
-    x = logits.unsqueeze(1)
-    log_fg, log_bg = F.logsigmoid(x), F.logsigmoid(-x)
-    nb_fg, nb_bg = _neighbours(log_fg, dilation)[:, 0], _neighbours(log_bg, dilation)[:, 0]
-    log_same = torch.logaddexp(log_fg + nb_fg, log_bg + nb_bg)  # (K, 8, H, W)
-    weights = (similarity >= colour_threshold).float() * box_masks.unsqueeze(1).float()
-    return (-log_same * weights).sum() / weights.sum().clamp_min(1.0)
+    weights = (similarity >= colour_threshold) & box_masks.unsqueeze(1).bool()  # (K, 8, H, W)
+    h, w = logits.shape[-2:]
+    d = dilation
+    soft = F.softplus(logits)
+    # padded once; each offset reads a window of the padded tensors (a view, no copy)
+    pad_logits, pad_soft = F.pad(logits, (d, d, d, d)), F.pad(soft, (d, d, d, d))
+    pad_inside = F.pad(torch.ones((1, h, w), dtype=torch.bool, device=logits.device), (d, d, d, d))
+    total = _zero(logits)
+    for o, (dy, dx) in enumerate(NEIGHBOUR_OFFSETS[:4]):
+        at = (..., slice(d + dy * d, d + dy * d + h), slice(d + dx * d, d + dx * d + w))
+        # pixel i with neighbour j = i + o: the weight at i towards o, plus the weight at j towards
+        # the opposite offset (7 - o), which is i; 0 where j lies outside the image
+        # (uint8 sums: converting the boolean weights to float costs more than the loss itself)
+        wgt = (weights[:, o] & pad_inside[at]).view(torch.uint8) + shift(weights[:, 7 - o], dy, dx, d).view(torch.uint8)
+        nll = soft + pad_soft[at] - F.softplus(logits + pad_logits[at])
+        total = total + (nll * wgt).sum()
+    return total / torch.count_nonzero(weights).clamp_min(1)
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,

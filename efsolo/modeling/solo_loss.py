@@ -100,26 +100,24 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
             pred_emb.append(out.embeds[level][i].flatten(1)[:, pos].T.float())
             tgt_emb.append(embeds[i][inst])
     ref = out.mask_feat
+    # the normalisers first, on every process and in every branch, so the collective calls match
     n_local = torch.tensor(float(sum(t.shape[0] for t in targets)), device=dev)
+    w_local = sum((torch.count_nonzero((sm >= ls.pairwise_colour_threshold) & bx.unsqueeze(1))
+                   for sm, bx in zip(sims, boxes)), torch.zeros((), dtype=torch.long, device=dev)).float()
+    n_global = _global_count(n_local).clamp_min(1.0)
+    w_global = _global_count(w_local).clamp_min(1.0)
     if logits and ls.level_average == "per_level":
-        _global_count(n_local), _global_count(n_local)  # matched with the other branches' collective calls
         l_max, l_avg, l_pair, l_sem = _per_level_terms(logits, targets, boxes, sims, pred_emb, tgt_emb, levels, ls)
     elif logits:
         lg, tg = torch.cat(logits), torch.cat(targets)
         probs = torch.sigmoid(lg)
-        box = torch.cat(boxes)
-        sim_all = torch.cat(sims)
-        w_local = ((sim_all >= ls.pairwise_colour_threshold).float() * box.unsqueeze(1).float()).sum()
         # the pure losses are means; scale them back to sums and normalise by the global counts
-        n_global = _global_count(n_local).clamp_min(1.0)
-        w_global = _global_count(w_local.detach()).clamp_min(1.0)
         l_max = max_projection_loss(probs, tg) * n_local / n_global
         l_avg = avg_projection_loss(probs, tg) * n_local / n_global
-        l_pair = pairwise_loss(lg, sim_all, box, ls.pairwise_colour_threshold,
+        l_pair = pairwise_loss(lg, torch.cat(sims), torch.cat(boxes), ls.pairwise_colour_threshold,
                                ls.pairwise_dilation) * w_local.clamp_min(1.0) / w_global
         l_sem = semantic_loss(torch.cat(pred_emb), torch.cat(tgt_emb)) * n_local / n_global
     else:
-        _global_count(n_local), _global_count(n_local)  # keep the collective calls matched across processes
         l_max = l_avg = l_pair = l_sem = ref.sum() * 0.0
     cate_t = torch.cat(cate_targets)
     cate_w = torch.cat(cate_weights) if cate_weights else None
