@@ -104,3 +104,32 @@ def test_collect_reads_experiments_of_every_commit_and_names_the_missing(monkeyp
     assert calls == [("exp", "show", "--json", "--all-commits")]
     with pytest.raises(EfsoloError, match="no finished experiment seed-2"):
         seeds.collect(["seed-1", "seed-2"])
+
+
+def test_a_second_table_removes_the_first_tables_experiments_name_by_name(monkeypatch):
+    """`make seeds LOOK=photo` after `make seeds`: the experiments seed-1 and seed-2 exist, seed-0
+    does not (the workspace gave it). dvc refuses a removal naming a missing experiment and
+    removes nothing, so each name is removed on its own, before the new ones are queued."""
+    from efsolo.evaluation import seeds
+
+    existing = {"seed-1", "seed-2"}
+    calls = []
+
+    def fake_dvc(*args, check=True):
+        calls.append(args)
+        if args[:2] == ("exp", "remove"):
+            if not set(args[2:]) <= existing:
+                return ""  # like dvc: an error, nothing removed
+            existing.difference_update(args[2:])
+        if args[:3] == ("exp", "run", "--queue") and args[4] in existing:
+            raise AssertionError(f"{args[4]} queued over an existing experiment")
+        return ""
+
+    monkeypatch.setattr(seeds, "_dvc", fake_dvc)
+    monkeypatch.setattr(seeds.subprocess, "run", lambda *a, **k: None)  # the log follow
+    monkeypatch.setattr(seeds, "collect", lambda names: {n: {} for n in names})
+    seeds._run_queue(["seed-0", "seed-1", "seed-2"], ["data.synthetic.look=photo"], poll=0, targets=[])
+    assert not existing
+    queued = [a for a in calls if a[:3] == ("exp", "run", "--queue")]
+    assert [a[4] for a in queued] == ["seed-0", "seed-1", "seed-2"]
+    assert all("data.synthetic.look=photo" in a for a in queued)

@@ -208,7 +208,11 @@ def run_seeds(seeds: list[int], overrides: list[str], out: str | Path = "metrics
 def _run_queue(names: list[str], overrides: list[str], poll: float, targets: list[str]) -> dict[str, dict]:
     """Queue experiments ``seed-N`` (seed=N plus ``overrides``), run them one at a time, wait,
     and return their metrics."""
-    _dvc("exp", "remove", *names, check=False)  # earlier runs of the same names
+    # earlier runs of the same names (another look's table): one by one, because `dvc exp remove`
+    # removes nothing when any name it is given does not exist; and queued tasks of those names
+    for name in names:
+        _dvc("exp", "remove", name, check=False)
+        _dvc("queue", "remove", name, check=False)
     for name in names:
         args = ["exp", "run", "--queue", "--name", name, "-S", f"seed={name.split('-', 1)[1]}"]
         for o in overrides:
