@@ -285,12 +285,14 @@ def bench_train_profile(size: Size, device: torch.device, precision: str = "floa
             ps = clock.section("fpn forward", lambda: model.fpn(c))
             parts.append(("fpn", ps, c))
             ps_head, ps_mask = _cut(ps), _cut(ps[:4])
-            cates, kernels, embeds_ = clock.section("head forward", lambda: model.head(level_features(ps_head)))
-            parts.append(("head", [cates, kernels, embeds_], ps_head))
+            # as training runs it: kernels and embeddings at the positive cells only (in "loss other")
+            h = clock.section("head forward", lambda: model.head(level_features(ps_head), dense=False))
+            parts.append(("head", [h.cates, h.kernel_feats, h.cate_feats], ps_head))
             mask_feat = clock.section("mask branch forward", lambda: model.mask_branch(ps_mask, x_in))
             parts.append(("mask branch", mask_feat, ps_mask))
-        outs = _cut([cates, kernels, embeds_, mask_feat])
-        out = SOLOOutput(*outs, trunk=None, mask_stride=model.mask_branch.stride)
+        outs = _cut([h.cates, h.kernel_feats, h.cate_feats, mask_feat])
+        out = SOLOOutput(outs[0], None, None, outs[3], trunk=None, mask_stride=model.mask_branch.stride,
+                         head=model.head, kernel_feats=outs[1], cate_feats=outs[2])
         loss = clock.section("losses forward", lambda: solo_loss.solo_losses(out, images, masks + s_masks, embeds + s_embeds,
                                                                       size.arch.grids, ls, step=10**6)["total"])
         opt.zero_grad(set_to_none=True)

@@ -38,7 +38,7 @@ def mask_fit(model: SOLO, batch: Batch, losses: LossSettings, step: int) -> dict
             pos = torch.nonzero(idx >= 0).flatten()
             if pos.numel() == 0:
                 continue
-            soft = torch.sigmoid(dynamic_masks(out.kernels[level][i].flatten(1)[:, pos].T.float(), out.mask_feat[i].float()))
+            soft = torch.sigmoid(dynamic_masks(out.kernels_at(level, i, pos).float(), out.mask_feat[i].float()))
             pred, t = soft > 0.5, target[idx[pos]]
             ious.append((pred & t).flatten(1).sum(1) / (pred | t).flatten(1).sum(1).clamp_min(1))
             spreads.append(soft.flatten(1).std(1))

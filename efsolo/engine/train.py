@@ -255,6 +255,7 @@ def train(*, labels: str | Path, embeddings: str | Path | None, backbone: str | 
         raise TrainingError(f"{labels}: no images to train on")
     model = build_model(arch, backbone)
     model.extra = torch.nn.ModuleDict(extra_modules or {})
+    model.sparse_training_outputs = world == 1  # DDP must see every parameter the loss uses in the forward
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -39,8 +39,8 @@ def postprocess(out: SOLOOutput, index: int, s: TestSettings) -> tuple[torch.Ten
     its binary mask) raised to ``s.maskness_power``; Matrix NMS then decays it and
     ``s.update_threshold`` applies to the decayed score."""
     scores = torch.cat([point_nms(torch.sigmoid(c[index:index + 1].float())).flatten() for c in out.cates])
-    kernels = torch.cat([k[index].flatten(1).T for k in out.kernels]).float()
-    embeds = torch.cat([e[index].flatten(1).T for e in out.embeds]).float()
+    kernels = torch.cat([out.dense_kernels(l)[index].flatten(1).T for l in range(len(out.cates))]).float()
+    embeds = torch.cat([out.dense_embeds(l)[index].flatten(1).T for l in range(len(out.cates))]).float()
     strides = torch.cat([torch.full((c.shape[-1] ** 2,), st, device=scores.device, dtype=torch.float32)
                          for c, st in zip(out.cates, LEVEL_STRIDES)])
     keep = scores > s.score_threshold

@@ -74,7 +74,7 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
             cate_targets.append(is_pos.float())
             if ls.drop_loss_iou > 0:
                 with torch.no_grad():
-                    every = dynamic_masks(out.kernels[level][i].flatten(1).T.float(), out.mask_feat[i].float())
+                    every = dynamic_masks(out.dense_kernels(level)[i].flatten(1).T.float(), out.mask_feat[i].float())
                     pseudo = m4 if masks[i].shape[0] else every.new_zeros((0, fh, fw), dtype=torch.bool)
                     cate_weights.append(drop_loss_weights(every, pseudo, is_pos, ls.drop_loss_iou))
             pos = torch.nonzero(idx >= 0).flatten()
@@ -82,7 +82,7 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
                 continue
             inst = idx[pos].to(dev, non_blocking=True)
             pos = pos.to(dev, non_blocking=True)
-            kernels = out.kernels[level][i].flatten(1)[:, pos].T
+            kernels = out.kernels_at(level, i, pos)
             logits.append(dynamic_masks(kernels.float(), out.mask_feat[i].float()))
             levels.append(level)
             t = m4[inst]
@@ -97,7 +97,7 @@ def solo_losses(out: SOLOOutput, images: torch.Tensor, masks: list[torch.Tensor]
             boxes.append((ys.view(1, -1, 1) >= y0.view(-1, 1, 1)) & (ys.view(1, -1, 1) <= y1.view(-1, 1, 1)) &
                          (xs.view(1, 1, -1) >= x0.view(-1, 1, 1)) & (xs.view(1, 1, -1) <= x1.view(-1, 1, 1)))
             sims.append(sim[i].unsqueeze(0).expand(len(pos), -1, -1, -1))
-            pred_emb.append(out.embeds[level][i].flatten(1)[:, pos].T.float())
+            pred_emb.append(out.embeds_at(level, i, pos).float())
             tgt_emb.append(embeds[i][inst])
     ref = out.mask_feat
     # the normalisers first, on every process and in every branch, so the collective calls match

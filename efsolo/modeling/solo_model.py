@@ -84,18 +84,61 @@ class SOLOHead(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.constant_(self.cate_pred.bias, -4.59511985)  # focal-loss prior 0.01: -log((1 - p) / p)
 
-    def forward(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Five level features -> per level cate (B, 1, S, S), kernels (B, E, S, S), embeddings (B, D, S, S)."""
-        cates, kernels, embeds = [], [], []
+    def forward(self, feats: list[torch.Tensor], dense: bool = True) -> HeadOutput:
+        """Five level features -> per level cate logits (B, 1, S, S) and the two towers' features
+        (B, C, S, S); with ``dense``, also every cell's kernel (B, E, S, S) and embedding (B, D, S, S).
+        Training reads kernels and embeddings at its positive cells only (a few hundred of about
+        11,000 at the demo's size): ``dense=False`` leaves them to ``kernels_at`` / ``embeds_at``,
+        which skips a third of the head's arithmetic."""
+        cates, kernels, embeds, k_feats, c_feats = [], [], [], [], []
         for x, s in zip(feats, self.grids):
             k_in = torch.cat([x, coord_channels(x)], dim=1)
             k_in = F.interpolate(k_in, size=(s, s), mode="bilinear", align_corners=False)
             c_in = k_in[:, :-2]
             c = self.cate_tower(c_in)
+            k = self.kernel_tower(k_in)
             cates.append(self.cate_pred(c))
-            embeds.append(self.embed_pred(c))
-            kernels.append(self.kernel_pred(self.kernel_tower(k_in)))
-        return cates, kernels, embeds
+            c_feats.append(c)
+            k_feats.append(k)
+            if dense:
+                embeds.append(self.embed_pred(c))
+                kernels.append(self.kernel_pred(k))
+        return HeadOutput(cates, kernels if dense else None, embeds if dense else None, k_feats, c_feats)
+
+    def kernels_at(self, kernel_feat: torch.Tensor, index: int, cells: torch.Tensor) -> torch.Tensor:
+        """The kernels of image ``index`` at ``cells`` (K,) (flat indices into its S x S grid), from
+        its kernel tower's features (B, C, S, S) -> (K, E). Equals ``kernel_pred`` over every cell,
+        read at ``cells``."""
+        return conv3x3_at(self.kernel_pred, kernel_feat[index], cells)
+
+    def embeds_at(self, cate_feat: torch.Tensor, index: int, cells: torch.Tensor) -> torch.Tensor:
+        """The predicted embeddings of image ``index`` at ``cells`` (K,) -> (K, D)."""
+        return conv3x3_at(self.embed_pred, cate_feat[index], cells)
+
+
+class HeadOutput(NamedTuple):
+    cates: list[torch.Tensor]  # per level (B, 1, S, S) logits
+    kernels: list[torch.Tensor] | None  # per level (B, E, S, S); None when the head ran with dense=False
+    embeds: list[torch.Tensor] | None  # per level (B, D, S, S); idem
+    kernel_feats: list[torch.Tensor]  # per level (B, C, S, S): the kernel tower's output
+    cate_feats: list[torch.Tensor]  # per level (B, C, S, S): the category tower's output
+
+
+def conv3x3_at(conv: nn.Conv2d, feat: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """A 3x3, stride-1, padding-1 convolution of one feature map (C, H, W) evaluated at ``cells`` (K,)
+    (flat indices y * W + x) only -> (K, out). Zero padding, as ``conv``'s; under autocast's bf16
+    the product runs in the features' dtype, as the convolution would."""
+    c, h, w = feat.shape
+    if cells.numel() == 0:
+        return feat.new_zeros((0, conv.out_channels))
+    ys, xs = cells // w, cells % w
+    offs = torch.arange(3, device=feat.device)
+    padded = F.pad(feat, (1, 1, 1, 1))
+    patches = padded[:, (ys.view(-1, 1, 1) + offs.view(1, 3, 1)), (xs.view(-1, 1, 1) + offs.view(1, 1, 3))]  # (C, K, 3, 3)
+    patches = patches.transpose(0, 1).reshape(len(cells), c * 9)
+    weight = conv.weight.reshape(conv.out_channels, c * 9).to(patches.dtype)
+    bias = conv.bias.to(patches.dtype) if conv.bias is not None else None
+    return F.linear(patches, weight, bias)
 
 
 class MaskBranch(nn.Module):
@@ -144,11 +187,38 @@ class MaskBranch(nn.Module):
 
 class SOLOOutput(NamedTuple):
     cates: list[torch.Tensor]  # per level (B, 1, S, S) logits
-    kernels: list[torch.Tensor]  # per level (B, E, S, S)
-    embeds: list[torch.Tensor]  # per level (B, D, S, S)
+    kernels: list[torch.Tensor] | None  # per level (B, E, S, S); None: read them with kernels_at (head set)
+    embeds: list[torch.Tensor] | None  # per level (B, D, S, S); None: embeds_at
     mask_feat: torch.Tensor  # (B, E, H/s, W/s), s = mask_stride
     trunk: dict[str, torch.Tensor] | None = None  # the backbone embeddings C2..C5 (used by the EEC module)
     mask_stride: int = 4
+    head: "SOLOHead | None" = None  # with the towers' features: kernels and embeddings where they are read
+    kernel_feats: list[torch.Tensor] | None = None
+    cate_feats: list[torch.Tensor] | None = None
+
+    def kernels_at(self, level: int, index: int, cells: torch.Tensor) -> torch.Tensor:
+        """The kernels (K, E) of image ``index`` at level ``level``'s ``cells`` (K,) (flat indices)."""
+        if self.kernels is not None:
+            return self.kernels[level][index].flatten(1)[:, cells].T
+        return self.head.kernels_at(self.kernel_feats[level], index, cells)
+
+    def embeds_at(self, level: int, index: int, cells: torch.Tensor) -> torch.Tensor:
+        """The predicted embeddings (K, D) of image ``index`` at level ``level``'s ``cells`` (K,)."""
+        if self.embeds is not None:
+            return self.embeds[level][index].flatten(1)[:, cells].T
+        return self.head.embeds_at(self.cate_feats[level], index, cells)
+
+    def dense_kernels(self, level: int) -> torch.Tensor:
+        """Every cell's kernel at level ``level``: (B, E, S, S)."""
+        if self.kernels is not None:
+            return self.kernels[level]
+        return self.head.kernel_pred(self.kernel_feats[level])
+
+    def dense_embeds(self, level: int) -> torch.Tensor:
+        """Every cell's predicted embedding at level ``level``: (B, D, S, S)."""
+        if self.embeds is not None:
+            return self.embeds[level]
+        return self.head.embed_pred(self.cate_feats[level])
 
 
 class SOLO(nn.Module):
@@ -160,6 +230,9 @@ class SOLO(nn.Module):
         self.fpn = FPN([ch["c2"], ch["c3"], ch["c4"], ch["c5"]], a.fpn_channels)
         self.head = SOLOHead(a.fpn_channels, a)
         self.mask_branch = MaskBranch(a.fpn_channels, a)
+        # in training, compute kernels and embeddings only where the loss reads them (SOLOHead.forward);
+        # the training loop turns it off under DDP, whose unused-parameter search sees the forward only
+        self.sparse_training_outputs = True
         self._freeze(a.freeze_at)
 
     def _freeze(self, freeze_at: int) -> None:
@@ -186,8 +259,9 @@ class SOLO(nn.Module):
         """The FPN, heads and mask branch over the trunk's features C2..C5 (and the normalised
         image, which a mask branch at stride 2 reads)."""
         ps = self.fpn([c["c2"], c["c3"], c["c4"], c["c5"]])
-        cates, kernels, embeds = self.head(level_features(ps))
-        return SOLOOutput(cates, kernels, embeds, self.mask_branch(ps[:4], image), c, self.mask_branch.stride)
+        h = self.head(level_features(ps), dense=not (self.training and self.sparse_training_outputs))
+        return SOLOOutput(h.cates, h.kernels, h.embeds, self.mask_branch(ps[:4], image), c, self.mask_branch.stride,
+                          self.head, h.kernel_feats, h.cate_feats)
 
 
 def level_features(ps: list[torch.Tensor]) -> list[torch.Tensor]:
