@@ -71,3 +71,26 @@ def test_evaluation_keeps_every_cells_outputs():
     assert torch.allclose(out.kernels_at(1, 0, cells), model.head.kernels_at(out.kernel_feats[1], 0, cells), atol=1e-6)
     assert torch.allclose(out.dense_embeds(2), F.conv2d(out.cate_feats[2], model.head.embed_pred.weight,
                                                        model.head.embed_pred.bias, padding=1), atol=1e-6)
+
+
+def test_drop_loss_under_bf16_autocast_reads_the_dense_kernels_in_the_features_dtype():
+    """The training forward runs under bf16 autocast and the loss outside it: DropLoss's every-cell
+    kernels (computed from the bf16 kernel features after the forward) must come out as the dense
+    head's would under autocast, not fail on the float weights."""
+    torch.manual_seed(0)
+    model = SOLO(ARCH).train()
+    for p in model.head.parameters():
+        p.data.normal_(0, 0.3)
+    images, masks, embeds = _batch()
+    ls = LossSettings(drop_loss_iou=0.01, scale_ranges=((1, 32), (16, 64), (32, 128), (64, 256), (128, 512)))
+    kernels = {}
+    for sparse in (True, False):
+        model.sparse_training_outputs = sparse
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images)
+        kernels[sparse] = out.dense_kernels(1)
+        terms = solo_losses(out, images, masks, embeds, ARCH.grids, ls, step=1000)
+        assert torch.isfinite(terms["total"]) and terms["positives"] > 0
+        terms["total"].backward()
+    assert kernels[True].dtype == kernels[False].dtype == torch.bfloat16
+    assert torch.allclose(kernels[True].float(), kernels[False].float(), rtol=2e-2, atol=2e-2)

@@ -141,6 +141,13 @@ def conv3x3_at(conv: nn.Conv2d, feat: torch.Tensor, cells: torch.Tensor) -> torc
     return F.linear(patches, weight, bias)
 
 
+def conv_like(conv: nn.Conv2d, feat: torch.Tensor) -> torch.Tensor:
+    """``conv`` applied to ``feat`` (B, C, H, W) in the features' dtype, as under the autocast that made
+    them (bf16 features from a bf16-autocast forward, read by the loss outside autocast)."""
+    bias = conv.bias.to(feat.dtype) if conv.bias is not None else None
+    return F.conv2d(feat, conv.weight.to(feat.dtype), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class MaskBranch(nn.Module):
     """P2..P5 -> mask features (B, E, H/s, W/s), s = ``mask_stride``: each level to stride 4 and
     summed (P5 with coordinates). At stride 2 the sum is upsampled and fused with a convolution of
@@ -212,13 +219,13 @@ class SOLOOutput(NamedTuple):
         """Every cell's kernel at level ``level``: (B, E, S, S)."""
         if self.kernels is not None:
             return self.kernels[level]
-        return self.head.kernel_pred(self.kernel_feats[level])
+        return conv_like(self.head.kernel_pred, self.kernel_feats[level])
 
     def dense_embeds(self, level: int) -> torch.Tensor:
         """Every cell's predicted embedding at level ``level``: (B, D, S, S)."""
         if self.embeds is not None:
             return self.embeds[level]
-        return self.head.embed_pred(self.cate_feats[level])
+        return conv_like(self.head.embed_pred, self.cate_feats[level])
 
 
 class SOLO(nn.Module):
