@@ -191,7 +191,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny, monkeypatch):
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
-def _eec_kwargs(weight=1.0, refresh=0):
+def _eec_kwargs(weight=1.0, refresh=0, **eec_options):
     """The EEC term on six random exemplars; with ``refresh`` N, six exemplar objects cut from
     random images whose pooled queries are recomputed with the training trunk every N iterations."""
     from efsolo.config import EECParams
@@ -206,7 +206,8 @@ def _eec_kwargs(weight=1.0, refresh=0):
                    for _ in range(6)]
         features = ExemplarFeatures(objects, "crop", 64, 64, fixed_stages=ARCH.freeze_at)
     pool = {"feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64, "pooled_queries": pooled}
-    eec = EECParams(tau=0.1, weight=weight, logits="projection", centre=True, pool_refresh=refresh)
+    eec = EECParams(**{"tau": 0.1, "weight": weight, "logits": "projection", "centre": True, "pool_refresh": refresh,
+                       **eec_options})
     # positive above cosine -0.5, negatives below 0.5: every row is used
     loss = make_eec_loss(pool, eec, (-0.5, 0.5), seed=0, free_mask_options={"query_scales": (0.5,)},
                          features=features)
@@ -399,6 +400,19 @@ def test_bf16_training_records_its_precision_and_does_not_resume_a_float32_run(t
     blob = torch.load(tiny / "prec.pt", weights_only=True)
     assert blob["meta"]["precision"] == "bfloat16"
     assert all(v.dtype == torch.float32 for v in blob["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("option", ["per_level", "drop_loss", "eec_cosine_instances", "eec_projection_refresh"])
+def test_bf16_training_runs_with_each_loss_option(tiny, option):
+    """Under bf16 autocast (the default precision on bf16 CPUs and CUDA) every loss option trains:
+    the losses read the network's bf16 outputs outside autocast. DropLoss failed there once."""
+    losses = {"per_level": LossSettings(pairwise_warmup=2, level_average="per_level"),
+              "drop_loss": LossSettings(pairwise_warmup=2, drop_loss_iou=0.01)}.get(option, LossSettings(pairwise_warmup=2))
+    extra = {"eec_cosine_instances": lambda: _eec_kwargs(logits="cosine", granularity="instance"),
+             "eec_projection_refresh": lambda: _eec_kwargs(refresh=1)}.get(option, dict)()
+    stats = train(**_kwargs(tiny, f"bf16_{option}", iters=2, precision="bfloat16", losses=losses), **extra)
+    assert stats["precision"] == "bfloat16" and np.isfinite(stats["final"]["loss"])
+    assert stats["final"]["positives"] > 0
 
 
 def test_per_level_average_weighs_each_level_once():
