@@ -78,6 +78,11 @@ class Layout:
         return Path(self.paths.metrics)
 
     @property
+    def data_metrics(self) -> Path:
+        """Each split's images, objects and ignore regions (the ``data`` stage's metrics)."""
+        return self.metrics / "data.json"
+
+    @property
     def overlays(self) -> Path:
         return Path(self.paths.reports) / "overlays"
 
@@ -97,9 +102,14 @@ def _precision(p: Params) -> str:
 
 
 def data(p: Params) -> dict:
-    from efsolo.data.datasets import prepare_dataset
+    """Prepare both splits (``paths.data``) and write their counts as DVC metrics (``data.json``)."""
+    from efsolo.data.datasets import data_metrics, prepare_dataset
+    from efsolo.utils import atomic
 
-    return prepare_dataset(Layout(p.paths).data, p.data, seed=p.seed)
+    files = Layout(p.paths)
+    report = prepare_dataset(files.data, p.data, seed=p.seed)
+    atomic.write_json(files.data_metrics, data_metrics(report), indent=1)
+    return report
 
 
 def backbone(p: Params) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 from efsolo.data.coco_format import decode_mask, mask_annotation
 from efsolo.config import DataParams, SyntheticParams
-from efsolo.data.datasets import DataError, prepare_dataset
+from efsolo.data.datasets import DataError, data_metrics, prepare_dataset
 from efsolo.data.synthetic import NUM_KINDS, contrast_with_surroundings, indistinct, make_scene
 
 
@@ -70,6 +70,9 @@ def test_synthetic_run_writes_manifests_and_gt(tmp_path):
     assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
     assert (tmp_path / "train_gt.json").exists()
     assert report["val_ignored"] == sum(a["iscrowd"] for a in gt["annotations"])
+    counts = data_metrics(report)  # the data stage's metrics file
+    assert counts["val"] == {"images": 3, "objects": len(gt["annotations"]), "ignored": report["val_ignored"]}
+    assert counts["train"]["images"] == 4 and counts["skipped"] == 0
 
 
 def test_an_object_nobody_can_see_is_an_ignore_region():
@@ -133,6 +136,8 @@ def test_coco_source_is_class_agnostic_and_skips_bad_images(tmp_path):
     assert [a["iscrowd"] for a in sorted(gt["annotations"], key=lambda a: a["id"])] == [0, 1]
     manifest = json.loads((out / "val.json").read_text())
     assert [r["id"] for r in manifest["images"]] == [10, 11, 12]
+    counts = data_metrics(report)
+    assert counts["val"] == {"images": 3, "objects": 2, "ignored": 1} and counts["skipped"] == 2
 
 
 def test_missing_paths_and_empty_sets_stop_with_one_line(tmp_path):

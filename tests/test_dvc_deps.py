@@ -116,7 +116,7 @@ def test_dvc_yaml_and_the_code_take_their_paths_from_the_same_keys(tmp_path):
     files = Layout(params_from_dict(raw).paths)
     m = files.metrics
     expected = {
-        "data": {files.data},
+        "data": {files.data, files.data_metrics},
         "backbone": {files.model("backbone"), files.checkpoints("backbone"), files.live("backbone")},
         "freemask": {files.freemask, files.predictions("freemask").parent, files.checkpoints("freemask")},
         "freesolo": {files.model("freesolo"), files.model("freesolo_start"), files.predictions("freesolo").parent,

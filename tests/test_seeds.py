@@ -83,6 +83,19 @@ def test_the_eec_diagnostics_of_each_seed_are_kept():
     assert "| 3 | 0.600 | 0.400 | - |" in table(result)
 
 
+def test_each_seeds_ignored_objects_are_kept_and_tabled():
+    counts = {"train": {"images": 320, "objects": 1151, "ignored": 25}, "val": {"images": 80, "objects": 294, "ignored": 7},
+              "skipped": 0}
+    show = [{"rev": "c0", "name": "main", "data": {"metrics": {}}, "experiments": [{"revs": [
+        {"rev": "x", "name": "seed-0", "experiments": None, "data": {"timestamp": "t", "metrics": {
+            "metrics/freesolo.json": {"data": {"segm": {"AP": 0.1}}}, "metrics/data.json": {"data": counts}}}}]}]}]
+    found = experiment_metrics(show, ["seed-0"])
+    assert found["seed-0"]["data"] == counts
+    result = summarise({0: found["seed-0"]})
+    assert result["data"] == {"0": counts} and "data" not in result["summary"]
+    assert "| 0 | 7 / 294 | 25 / 1151 |" in table(result)
+
+
 def test_collect_reads_experiments_of_every_commit_and_names_the_missing(monkeypatch):
     import json
 

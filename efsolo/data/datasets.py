@@ -207,6 +207,16 @@ def prepare_dataset(out_dir: str | Path, settings: DataParams, seed: int) -> dic
     return report
 
 
+def data_metrics(report: dict) -> dict:
+    """The numbers of a ``report.json`` per split: {split: {images, objects, ignored}, skipped}.
+    ``objects`` counts every ground-truth annotation, ``ignored`` those that are ignore regions."""
+    splits = sorted({k.rsplit("_", 1)[0] for k in report if k.endswith("_images")})
+    out: dict = {s: {"images": report[f"{s}_images"], "objects": report.get(f"{s}_annotations", 0),
+                     "ignored": report.get(f"{s}_ignored", 0)} for s in splits}
+    out["skipped"] = len(report.get("skipped", []))
+    return out
+
+
 def load_manifest(path: str | Path) -> list[dict]:
     """The image records of a manifest written by :func:`prepare_dataset`."""
     return read_json(path)["images"]

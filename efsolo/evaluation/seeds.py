@@ -24,6 +24,7 @@ README_START, README_END = "<!-- seeds:start -->", "<!-- seeds:end -->"
 KEYS = (("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"), ("segm", "AR100"), ("bbox", "AP"), ("bbox", "AP50"))
 EEC_KEYS = ("frac_used", "grad_ratio", "logit_gap")  # Exemplar-FreeSOLO's training diagnostics (means)
 EEC_STATS = "train/exemplar_freesolo.json"
+DATA_STATS = "data.json"  # the data stage's counts: each split's images, objects and ignore regions
 
 
 def _dvc(*args: str, check: bool = True) -> str:
@@ -60,6 +61,8 @@ def experiment_metrics(show: list | dict, names: list[str], metrics_dir: str = "
                         metrics[model] = blob["data"]
                     elif Path(path) == Path(metrics_dir) / EEC_STATS:
                         metrics["eec"] = eec_means(blob["data"])
+                    elif Path(path) == Path(metrics_dir) / DATA_STATS:
+                        metrics["data"] = blob["data"]
                 found[node["name"]] = (stamp, metrics)
         for v in node.values():
             walk(v)
@@ -95,6 +98,9 @@ def summarise(per_seed: dict[int, dict[str, dict]]) -> dict:
     eec = {str(s): models["eec"] for s, models in sorted(per_seed.items()) if models.get("eec")}
     if eec:
         result["eec"] = eec
+    data = {str(s): models["data"] for s, models in sorted(per_seed.items()) if models.get("data")}
+    if data:  # the ground truth each seed was scored on
+        result["data"] = data
     if "freesolo" in common and "exemplar_freesolo" in common:
         result["paired"] = paired(rows)
     if "freemask" in common and "freesolo" in common:  # self-training's margin over its own labels
@@ -153,6 +159,10 @@ def table(result: dict) -> str:
         lines += ["", "| seed | " + " | ".join(f"EEC mean {k}" for k in EEC_KEYS) + " |", "|---|" + "---|" * len(EEC_KEYS)]
         lines += [f"| {seed} | " + " | ".join(f"{d[k]:.3f}" if k in d else "-" for k in EEC_KEYS) + " |"
                   for seed, d in result["eec"].items()]
+    if "data" in result:
+        lines += ["", "| seed | val objects ignored | training objects ignored |", "|---|---|---|"]
+        lines += [f"| {seed} | " + " | ".join(f"{d[k]['ignored']} / {d[k]['objects']}" if k in d else "-"
+                                           for k in ("val", "train")) + " |" for seed, d in result["data"].items()]
     return "\n".join(lines)
 
 
@@ -169,6 +179,8 @@ def workspace_metrics(seed: int, overrides: list[str]) -> dict | None:
              if (Path(metrics_dir) / f"{m}.json").is_file()}
     if found and (Path(metrics_dir) / EEC_STATS).is_file():
         found["eec"] = eec_means(json.loads((Path(metrics_dir) / EEC_STATS).read_text()))
+    if found and (Path(metrics_dir) / DATA_STATS).is_file():
+        found["data"] = json.loads((Path(metrics_dir) / DATA_STATS).read_text())
     return found or None
 
 
