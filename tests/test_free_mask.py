@@ -2,7 +2,8 @@ import pytest
 import numpy as np
 import torch
 
-from efsolo.freemask.free_mask import free_mask, masks_to_image, reduce_embedding, split_components
+from efsolo.freemask.free_mask import (border_fraction, free_mask, level_features, masks_to_image, reduce_embedding,
+                                       split_components)
 
 
 def _two_region_features():
@@ -83,6 +84,42 @@ def test_masks_to_image_split_filters_each_part():
     parts, kept, slots = masks_to_image(soft, scores, 4, 4, 0.7, 0.95, 0.2, split=True)
     assert slots == [0, 0] and kept == pytest.approx([0.9, 0.9])
     assert [int(p.sum()) for p in parts] == [2, 2] and parts[0][2:, 0].all() and parts[1][2:, 3].all()
+
+
+def test_border_fraction_counts_each_outermost_pixel_once():
+    m = np.zeros((4, 5), bool)  # 14 outermost pixels: 5 + 5 on the rows, 2 + 2 on the columns
+    assert border_fraction(m) == 0.0
+    m[:, 0] = True  # the left column: 4 of them (its corners once)
+    assert border_fraction(m) == pytest.approx(4 / 14)
+    m[1:3, 1:4] = True  # inside: no change
+    assert border_fraction(m) == pytest.approx(4 / 14)
+    assert border_fraction(np.ones((3, 3), bool)) == 1.0
+
+
+def test_masks_to_image_drops_masks_that_run_out_of_the_picture():
+    soft = torch.zeros(2, 8, 8)
+    soft[0, 3:6, 3:6] = 1.0  # inside: kept
+    soft[1, 4:, :3] = 1.0  # the bottom-left corner: 3 + 4 of the 28 outermost pixels (a quarter)
+    scores = torch.tensor([0.9, 0.8])
+    _, _, slots = masks_to_image(soft, scores, 8, 8, 0.7, 0.95, 0.2)
+    assert slots == [0, 1]  # off (1.0) by default
+    _, _, slots = masks_to_image(soft, scores, 8, 8, 0.7, 0.95, 0.2, max_border_fraction=0.2)
+    assert slots == [0]
+    _, _, slots = masks_to_image(soft, scores, 8, 8, 0.7, 0.95, 0.2, max_border_fraction=0.25)
+    assert slots == [0, 1]  # at the limit: kept
+
+
+def test_level_features_concatenates_normalised_levels_on_the_base_grid():
+    g = torch.Generator().manual_seed(0)
+    feats = {"c2": torch.rand(2, 4, 8, 8, generator=g), "c3": torch.rand(2, 6, 4, 4, generator=g) * 5,
+             "c4": torch.rand(2, 3, 2, 2, generator=g)}
+    assert torch.equal(level_features(feats, "c3"), feats["c3"])  # alone: the level as it is
+    out = level_features(feats, "c3", ("c2", "c4"))
+    assert out.shape == (2, 6 + 4 + 3, 4, 4)
+    for block in (out[:, :6], out[:, 6:10], out[:, 10:]):  # each block unit length at every position
+        assert torch.allclose(block.norm(dim=1), torch.ones(2, 4, 4), atol=1e-6)
+    pooled = torch.nn.functional.avg_pool2d(feats["c2"], 2)  # the finer level: averaged over its 2x2 cells
+    assert torch.allclose(out[:, 6:10], torch.nn.functional.normalize(pooled, dim=1), atol=1e-6)
 
 
 def test_reduce_embedding():

@@ -125,6 +125,9 @@ class FreeMaskParams:
     short_side: int = 800
     max_side: int = 1333
     feature_level: Literal["c3", "c4", "c5"] = "c5"
+    # other levels whose features, brought to feature_level's grid (average-pooled or bilinear), are
+    # concatenated with it, each block L2-normalised per position (empty: feature_level alone, the paper)
+    concat_levels: tuple[Literal["c2", "c3", "c4", "c5"], ...] = ()
     trunk_output_stride: Literal[8, 16, 32] = 32  # 32: the plain trunk; 16 / 8 dilate its last stage(s)
     query_scales: tuple[float, ...] = (1.0, 0.5, 0.25)
     mask_threshold: float = 0.5
@@ -137,6 +140,7 @@ class FreeMaskParams:
     score_threshold: float = 0.7
     max_box_width: float = 0.95
     top_exclude: float = 0.2
+    max_border_fraction: float = 1.0  # masks covering more of the image's outermost pixels are dropped (1: off)
     split_components: bool = False
     component_min_fraction: float = 0.1
     embed_dim: int = 128
@@ -157,6 +161,9 @@ class FreeMaskParams:
         _in_unit("freemask.score_threshold", self.score_threshold)
         _in_unit("freemask.max_box_width", self.max_box_width)
         _in_unit("freemask.top_exclude", self.top_exclude)
+        _in_unit("freemask.max_border_fraction", self.max_border_fraction)
+        require(self.feature_level not in self.concat_levels and len(set(self.concat_levels)) == len(self.concat_levels),
+                "freemask.concat_levels", "must not repeat a level or freemask.feature_level", self.concat_levels)
         _in_unit("freemask.component_min_fraction", self.component_min_fraction)
         _positive("freemask.embed_dim", self.embed_dim)
 

@@ -96,6 +96,32 @@ def reduce_embedding(queries: torch.Tensor, dim: int, method: str = "linear", se
     raise ValueError(f"unknown freemask.embed_method {method!r}")
 
 
+def level_features(feats: dict[str, torch.Tensor], level: str, concat_levels: tuple[str, ...] = ()) -> torch.Tensor:
+    """The map Free Mask correlates: the trunk's ``level`` (B, C, H, W), or with ``concat_levels``, it and
+    those levels brought to its (H, W) grid (finer ones average-pooled, coarser ones bilinear), each
+    L2-normalised per position, concatenated along channels: (B, C + sum C_l, H, W), float32."""
+    base = feats[level].float()
+    if not concat_levels:
+        return base
+    size = base.shape[-2:]
+    blocks = [base]
+    for name in concat_levels:
+        f = feats[name].float()
+        if f.shape[-2] >= size[0]:
+            f = F.adaptive_avg_pool2d(f, size)
+        else:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        blocks.append(f)
+    return torch.cat([F.normalize(b, dim=1) for b in blocks], dim=1)
+
+
+def border_fraction(mask: np.ndarray) -> float:
+    """The share of an image's outermost pixels (its first and last rows and columns) that a mask
+    (H, W) covers."""
+    edge = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
+    return float(edge.mean()) if edge.size else 0.0
+
+
 def split_components(mask: np.ndarray, min_fraction: float) -> list[np.ndarray]:
     """A binary mask (H, W) -> its 8-connected components of at least ``min_fraction`` of its area,
     largest first (each a (H, W) bool mask). An empty mask gives []; a connected one gives itself
@@ -110,12 +136,14 @@ def split_components(mask: np.ndarray, min_fraction: float) -> list[np.ndarray]:
 
 def masks_to_image(soft: torch.Tensor, scores: torch.Tensor, height: int, width: int, score_threshold: float,
                    max_box_width: float, top_exclude: float, mask_threshold: float = 0.5,
-                   split: bool = False, component_min_fraction: float = 0.1,
+                   split: bool = False, component_min_fraction: float = 0.1, max_border_fraction: float = 1.0,
                    ) -> tuple[list[np.ndarray], list[float], list[int]]:
     """Upsample one image's soft maps (k, h, w) to (height, width), binarise and filter.
 
     Drops masks scoring below ``score_threshold``, empty masks, boxes wider than
-    ``max_box_width`` of the image and boxes whose centre is in the top ``top_exclude`` of it.
+    ``max_box_width`` of the image, boxes whose centre is in the top ``top_exclude`` of it, and
+    masks covering more than ``max_border_fraction`` of the image's outermost pixels (background
+    that runs out of the picture; 1 keeps them).
     With ``split``, each mask first becomes its connected components of at least
     ``component_min_fraction`` of its area, each with the mask's score, and the box filters apply
     to each component. Returns (masks, scores, slot index of each mask; a split slot repeats).
@@ -135,6 +163,8 @@ def masks_to_image(soft: torch.Tensor, scores: torch.Tensor, height: int, width:
             box_w = cols[-1] - cols[0] + 1
             centre_y = (rows[0] + rows[-1] + 1) / 2
             if box_w > max_box_width * width or centre_y < top_exclude * height:
+                continue
+            if max_border_fraction < 1.0 and border_fraction(m) > max_border_fraction:
                 continue
             out_masks.append(m)
             out_scores.append(float(scores[slot]))
@@ -194,16 +224,17 @@ def label_split(trunk: ResNetTrunk, records: list[dict], device: torch.device, d
                 continue
             x = normalise(imgs, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                feats = trunk(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)[
-                    f.feature_level]
-            res = free_mask(feats.float(), f.query_scales, f.mask_threshold, f.min_pixels, f.nms, f.nms_sigma, f.fast_nms_iou,
+                levels = trunk(x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x)
+            feats = level_features(levels, f.feature_level, f.concat_levels)
+            res = free_mask(feats, f.query_scales, f.mask_threshold, f.min_pixels, f.nms, f.nms_sigma, f.fast_nms_iou,
                             f.keep_top, f.pre_nms_top)
             for i, r in enumerate(recs):
                 images.append({"id": r["id"], "file_name": r["file_name"], "width": r["width"],
                                "height": r["height"]})
                 masks, scores, slots = masks_to_image(res.soft[i], res.scores[i], r["height"], r["width"],
                                                       f.score_threshold, f.max_box_width, f.top_exclude, f.mask_threshold,
-                                                      f.split_components, f.component_min_fraction)
+                                                      f.split_components, f.component_min_fraction,
+                                                      f.max_border_fraction)
                 for m, s in zip(masks, scores):
                     anns.append(mask_annotation(m, len(anns) + 1, r["id"], score=s))
                 if slots:
