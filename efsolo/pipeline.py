@@ -201,7 +201,8 @@ def _free_mask_options(p: Params) -> tuple[dict, dict]:
     m = p.freemask
     options = dict(query_scales=m.query_scales, mask_threshold=m.mask_threshold, min_pixels=m.min_pixels,
                    nms=m.nms, nms_sigma=m.nms_sigma, fast_nms_iou=m.fast_nms_iou, pre_nms_top=m.pre_nms_top)
-    guide = dict(score_threshold=m.score_threshold, max_box_width=m.max_box_width, top_exclude=m.top_exclude)
+    guide = dict(score_threshold=m.score_threshold, max_box_width=m.max_box_width, top_exclude=m.top_exclude,
+                 max_border_fraction=m.max_border_fraction)
     return options, guide
 
 

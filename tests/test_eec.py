@@ -152,6 +152,22 @@ def test_guide_filter_applies_free_masks_filters():
     assert guide_filter(soft[:, :0], scores[:, :0], 1).shape == (1, 0)
 
 
+def test_guide_filter_drops_masks_along_the_border_as_free_mask_does():
+    soft = torch.zeros(1, 3, 8, 8)
+    soft[0, 0, 5:, :] = 1.0  # the bottom three rows: 8 + 2 * 2 of the 28 outermost pixels (0.43)
+    soft[0, 1, 0:2, 0:2] = 1.0  # a corner: 2 + 1 + 1 of 28 (0.14)
+    soft[0, 2, 3:5, 3:5] = 1.0  # inside: none
+    scores = torch.tensor([[0.9, 0.8, 0.7]])
+    assert guide_filter(soft, scores, 3).tolist() == [[True, True, True]]  # 1: off
+    assert guide_filter(soft, scores, 3, max_border_fraction=0.25).tolist() == [[False, True, True]]
+    assert guide_filter(soft, scores, 3, max_border_fraction=0.1).tolist() == [[False, False, True]]
+    assert guide_filter(soft, scores, 1, max_border_fraction=0.25).tolist() == [[False, True, False]]
+    from efsolo.freemask.free_mask import border_fraction
+    for k in range(3):  # the same share as Free Mask's own filter
+        edge = torch.cat([soft[0, k, 0], soft[0, k, -1], soft[0, k, 1:-1, 0], soft[0, k, 1:-1, -1]])
+        assert edge.mean().item() == pytest.approx(border_fraction(soft[0, k].numpy() > 0))
+
+
 def test_exemplar_views():
     crop = np.full((4, 6, 3), 200, np.uint8)
     mask = np.zeros((4, 6), bool)

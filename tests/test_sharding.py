@@ -59,6 +59,7 @@ def test_shards_merge_like_one_pass_and_resume_shard_by_shard(tmp_path, monkeypa
     root = _setup(tmp_path)
     whole = _label(root, tmp_path / "whole", 0)
     assert whole["train"]["shards"] == 1 and len(whole["train"]["skipped"]) == 1
+    assert whole["feature_level"] == SETTINGS.feature_level and whole["concat_levels"] == []
     sharded = _label(root, tmp_path / "sharded", 2)
     assert sharded["train"]["shards"] == 3 and sharded["train"]["masks"] == whole["train"]["masks"] > 0
     a, ids_a, emb_a = _outputs(tmp_path / "whole")

@@ -103,12 +103,14 @@ def eec_loss(emb: torch.Tensor, pool: torch.Tensor, alpha: float, beta: float, t
 
 
 def guide_filter(soft: torch.Tensor, scores: torch.Tensor, keep: int, score_threshold: float = 0.0,
-                 max_box_width: float = 1.0, top_exclude: float = 0.0) -> torch.Tensor:
+                 max_box_width: float = 1.0, top_exclude: float = 0.0,
+                 max_border_fraction: float = 1.0) -> torch.Tensor:
     """Free Mask's filters on candidate guide masks: soft (B, n, H, W) binary maps in score order,
     scores (B, n). A mask is valid when its score is at least ``score_threshold`` and positive, it
-    is not empty, its box is at most ``max_box_width`` of the width and its centre is not in the
-    top ``top_exclude`` of the height. Returns (B, n) bool: the first ``keep`` valid masks of each
-    image (none for an image with none)."""
+    is not empty, its box is at most ``max_box_width`` of the width, its centre is not in the
+    top ``top_exclude`` of the height and it covers at most ``max_border_fraction`` of the map's
+    outermost pixels (1 keeps them all). Returns (B, n) bool: the first ``keep`` valid masks of
+    each image (none for an image with none)."""
     b, n, h, w = soft.shape
     if n == 0:
         return torch.zeros((b, 0), dtype=torch.bool, device=soft.device)
@@ -123,6 +125,9 @@ def guide_filter(soft: torch.Tensor, scores: torch.Tensor, keep: int, score_thre
     centre_y = (y0 + y1 + 1).float() / 2
     valid = (scores > 0) & (scores >= score_threshold) & cols.any(2) & \
         ((x1 - x0 + 1).float() <= max_box_width * w) & (centre_y >= top_exclude * h)
+    if max_border_fraction < 1.0:
+        edge = torch.cat([on[:, :, 0], on[:, :, -1], on[:, :, 1:-1, 0], on[:, :, 1:-1, -1]], dim=2)
+        valid &= edge.float().mean(2) <= max_border_fraction
     return valid & (valid.long().cumsum(1) <= keep)
 
 

@@ -281,7 +281,8 @@ def label_dataset(train_manifest: str | Path, val_manifest: str | Path, backbone
     if device.type == "cuda":
         trunk = trunk.to(memory_format=torch.channels_last)
     identity = {"backbone": file_sha256(backbone), "trunk_output_stride": stride, "seed": seed, **options}
-    stats: dict = {"feature_level": settings.feature_level, "trunk_output_stride": stride,
+    stats: dict = {"feature_level": settings.feature_level, "concat_levels": list(settings.concat_levels),
+                   "trunk_output_stride": stride,
                    "device": device.type, "precision": precision, "processes": world}
     for split, manifest in (("train", train_manifest), ("val", val_manifest)):
         records = load_manifest(manifest)
