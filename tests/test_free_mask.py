@@ -2,7 +2,7 @@ import pytest
 import numpy as np
 import torch
 
-from efsolo.freemask.free_mask import (border_fraction, free_mask, level_features, masks_to_image, reduce_embedding,
+from efsolo.freemask.free_mask import (border_fraction, border_fractions, free_mask, level_features, masks_to_image, reduce_embedding,
                                        split_components)
 
 
@@ -94,6 +94,22 @@ def test_border_fraction_counts_each_outermost_pixel_once():
     m[1:3, 1:4] = True  # inside: no change
     assert border_fraction(m) == pytest.approx(4 / 14)
     assert border_fraction(np.ones((3, 3), bool)) == 1.0
+
+
+def test_border_fractions_batched_equal_each_mask_and_handle_empty_maps():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand((2, 3, 4, 5), generator=g) > 0.5
+    shares = border_fractions(masks)
+    assert shares.shape == (2, 3) and shares.dtype == torch.float64
+    for i in range(2):
+        for k in range(3):
+            m = masks[i, k]
+            edge = torch.cat([m[0], m[-1], m[1:-1, 0], m[1:-1, -1]])
+            assert shares[i, k].item() == edge.sum().item() / 14  # exact: a count over 14
+            assert border_fraction(m.numpy()) == shares[i, k].item()
+    assert border_fractions(torch.ones((1, 6))).item() == 1.0  # one row: its pixels, once
+    assert border_fractions(torch.zeros((2, 0, 5))).tolist() == [0.0, 0.0]  # no pixels: nothing covered
+    assert border_fractions(torch.zeros((0, 4, 4))).shape == (0,)  # no masks
 
 
 def test_masks_to_image_drops_masks_that_run_out_of_the_picture():

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from efsolo.config import EECParams
 from efsolo.data.coco_format import read_json
 from efsolo.data.images import read_image, resize_short_side
-from efsolo.freemask.free_mask import free_mask
+from efsolo.freemask.free_mask import border_fractions, free_mask
 from efsolo.modeling.backbone import ResNetTrunk, load_backbone
 from efsolo.modeling.inference import normalise
 from efsolo.utils import atomic
@@ -126,8 +126,7 @@ def guide_filter(soft: torch.Tensor, scores: torch.Tensor, keep: int, score_thre
     valid = (scores > 0) & (scores >= score_threshold) & cols.any(2) & \
         ((x1 - x0 + 1).float() <= max_box_width * w) & (centre_y >= top_exclude * h)
     if max_border_fraction < 1.0:
-        edge = torch.cat([on[:, :, 0], on[:, :, -1], on[:, :, 1:-1, 0], on[:, :, 1:-1, -1]], dim=2)
-        valid &= edge.float().mean(2) <= max_border_fraction
+        valid &= border_fractions(on) <= max_border_fraction
     return valid & (valid.long().cumsum(1) <= keep)
 
 

@@ -115,11 +115,23 @@ def level_features(feats: dict[str, torch.Tensor], level: str, concat_levels: tu
     return torch.cat([F.normalize(b, dim=1) for b in blocks], dim=1)
 
 
+def border_fractions(masks: torch.Tensor) -> torch.Tensor:
+    """The share of an image's outermost pixels (its first and last rows and columns) that each
+    binary mask covers: masks (..., H, W), non-zero = inside -> (...) float64, exact for any
+    count (0 for a map with no pixels). Free Mask's border filter and the EEC's guide filter
+    both measure with it."""
+    on = masks != 0
+    h, w = on.shape[-2:]
+    if h == 0 or w == 0:
+        return torch.zeros(on.shape[:-2], dtype=torch.float64, device=on.device)
+    edge = torch.cat([on[..., 0, :], on[..., -1, :], on[..., 1:-1, 0], on[..., 1:-1, -1]], dim=-1) \
+        if h > 1 else on[..., 0, :]
+    return edge.sum(-1, dtype=torch.float64) / edge.shape[-1]
+
+
 def border_fraction(mask: np.ndarray) -> float:
-    """The share of an image's outermost pixels (its first and last rows and columns) that a mask
-    (H, W) covers."""
-    edge = np.concatenate([mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1]])
-    return float(edge.mean()) if edge.size else 0.0
+    """``border_fractions`` of one mask (H, W), as a float."""
+    return float(border_fractions(torch.from_numpy(np.ascontiguousarray(mask))))
 
 
 def split_components(mask: np.ndarray, min_fraction: float) -> list[np.ndarray]:
