@@ -14,7 +14,7 @@ from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from efsolo.config import MODELS, Params, PathSettings, load_params, to_dict
+from efsolo.config import DATA_METRICS, MODELS, Params, PathSettings, load_params, to_dict
 from efsolo.utils.errors import EfsoloError
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class Layout:
     @property
     def data_metrics(self) -> Path:
         """Each split's images, objects and ignore regions (the ``data`` stage's metrics)."""
-        return self.metrics / "data.json"
+        return self.metrics / DATA_METRICS
 
     @property
     def overlays(self) -> Path:
@@ -239,11 +239,15 @@ def exemplar_freesolo(p: Params) -> dict:
         raise EfsoloError(f"{files.pool}: the exemplar pool holds {size} exemplars, fewer than exemplar.min_pool "
                           f"({p.exemplar.min_pool}); see exemplars/pool.json for why crops were dropped, and raise "
                           f"exemplar.num_images or set exemplar.refine_fallback: grabcut")
-    cosines = pool_blob["calibration"]["cosines"].numpy()
+    calibration = pool_blob["calibration"]
+    cosines = calibration["cosines"].numpy()
     thresholds = selection_thresholds(e.thresholds, e.alpha, e.beta, cosines)
-    source = f"{len(cosines)} training images, {files.metrics / 'pool.json'}"
-    problem = engagement_error(f"{files.pool}", engaged_fraction(cosines, *thresholds), e.min_frac_used, e.thresholds,
-                               e.alpha, e.beta, thresholds, cosines, source)
+    images = int(calibration.get("images", len(cosines)))
+    slots = images * (1 if calibration.get("granularity", e.granularity) == "image" else e.max_instances)
+    source = f"{images} training images, {len(cosines)} with a guide mask, {files.metrics / 'pool.json'}"
+    problem = engagement_error(f"{files.pool}", engaged_fraction(cosines, *thresholds, slots), e.min_frac_used,
+                               e.thresholds, e.alpha, e.beta, thresholds, cosines, source,
+                               len(cosines) / slots if slots else 0.0)
     if problem:
         raise EfsoloError(problem + " (measured before training)")
     options, guide = _free_mask_options(p)

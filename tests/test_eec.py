@@ -41,6 +41,29 @@ def test_eec_loss_sums_over_rows_and_draws_a_positive_at_random():
     assert picks == {0, 1}
 
 
+def test_eec_fractions_count_the_images_without_a_guide_mask():
+    """Rows are the images' guide masks; with ``slots`` (the batch's images x instances) the
+    fractions are of the images, so those whose guide masks were all filtered out count as not
+    engaged; the loss itself does not change."""
+    emb = _unit([1.0, 0.0, 0.0], [1.0, 0.0, 0.0])
+    pool = _unit([1.0, 0.1, 0.0], [0.0, 1.0, 0.0])
+    by_rows, stats = eec_loss(emb, pool, alpha=0.8, beta=0.3, tau=0.5)
+    assert stats["frac_used"].item() == 1.0 and stats["frac_embedded"].item() == 1.0
+    by_images, stats = eec_loss(emb, pool, alpha=0.8, beta=0.3, tau=0.5, slots=8)  # 2 of 8 views kept a mask
+    assert by_images.item() == by_rows.item()
+    assert stats["frac_embedded"].item() == 0.25 and stats["frac_used"].item() == 0.25
+    assert stats["frac_pos"].item() == 0.25 and stats["frac_neg"].item() == 0.25
+    assert stats["mean_pos"].item() == 1 and stats["mean_neg"].item() == 1  # counts a row, not a slot
+    _, none = eec_loss(torch.zeros(0, 3), pool, 0.8, 0.3, 0.5, slots=8)  # no image kept a mask
+    assert none["frac_embedded"].item() == 0.0 and none["frac_used"].item() == 0.0
+    with pytest.raises(ValueError, match="2 rows from 1 slots"):
+        eec_loss(emb, pool, 0.8, 0.3, 0.5, slots=1)
+    cos = np.array([[0.9, 0.1], [0.9, 0.5], [0.2, 0.1]])  # row 0 alone engages at 0.8 / 0.3
+    assert engaged_fraction(cos, 0.8, 0.3) == pytest.approx(1 / 3)
+    assert engaged_fraction(cos, 0.8, 0.3, slots=10) == pytest.approx(0.1)  # 7 of 10 images had no guide mask
+    assert engaged_fraction(np.zeros((0, 2)), 0.8, 0.3, slots=10) == 0.0
+
+
 def test_no_positive_or_no_negative_gives_zero_with_gradient():
     emb = _unit([1.0, 0.0]).requires_grad_()
     only_neg = _unit([0.0, 1.0])
@@ -259,6 +282,32 @@ def test_a_pool_far_from_every_image_stops_exemplar_freesolo(tmp_path, monkeypat
     assert "eec.alpha 0.8" in err and "eec.thresholds: quantile" in err and "percentiles" in err
     a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
     assert 0.3 <= engaged_fraction(cos, a, b) <= 0.7
+
+
+def test_the_guard_counts_the_calibration_images_that_kept_no_guide_mask(tmp_path, monkeypatch, capsys):
+    """The same cosines engage about half of their rows at the quantile thresholds; when the pool
+    stage measured 100 images and only these 6 kept a guide mask, the EEC engages on at most 6% of
+    the images: the stage stops, and its line says how many images kept a guide mask."""
+    import yaml
+
+    from efsolo.pipeline import entry_point, exemplar_freesolo
+    from efsolo.utils import atomic
+
+    pooled, cos = _far_pool_cosines()
+    monkeypatch.chdir(tmp_path)
+    calibration = {"cosines": torch.from_numpy(cos), "images": 100, "granularity": "image"}
+    atomic.torch_save({"format": POOL_FORMAT, "feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64,
+                       "view": "scene", "pooled_queries": pooled, "embeddings": F.normalize(pooled, dim=1),
+                       "exemplars": [{}] * 8, "calibration": calibration}, tmp_path / "exemplars" / "pool.pt")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"exemplar": {"min_pool": 1}}))  # quantile thresholds
+    with pytest.raises(SystemExit) as stop:
+        entry_point(exemplar_freesolo)("params.yaml")
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "6% of them kept a guide mask" in err and "100 training images, 6 with a guide mask" in err
+    a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
+    assert 0.3 <= engaged_fraction(cos, a, b) and engaged_fraction(cos, a, b, slots=100) <= 0.06
 
 
 def test_the_guard_refuses_an_eec_that_went_silent_late():

@@ -227,6 +227,8 @@ def test_a_run_from_another_runs_state_continues_its_data_stream(tiny, start):
     for k in base:
         assert torch.allclose(base[k], cont[k], atol=1e-6), k
     assert stats["extra_mean"]["frac_used"] > 0 and "eec/grad_ratio" in stats["final"]
+    # fractions of the batch's views: one engaged needs a guide mask first
+    assert stats["extra_mean"]["frac_used"] <= stats["extra_mean"]["frac_embedded"] <= 1.0
     assert stats["extra_mean"]["grad_ratio"] == 0.0  # weighted 0: no pull on the trunk
     # the EEC term moves the network once it weighs something
     weighted = train(**_kwargs(tiny, f"eec{start}", ema_decay=0.9, init_state=state), **_eec_kwargs(weight=1.0))

@@ -6,14 +6,14 @@
 """
 from efsolo.config.loading import load_params, params_from_dict, to_dict
 from efsolo.config.moved_keys import MOVED_KEYS
-from efsolo.config.schema import (MODELS, OVERLAY_MIN_SCORE, BackboneParams, DataParams, EECParams, ExemplarParams,
-                                  FreeMaskParams, FreeMaskRuntime, FreeSOLOParams, InputSettings, LossSettings,
-                                  ModelSettings, Params, ParamsError, PathSettings, PretrainParams, PretrainRuntime,
-                                  ReportParams, RuntimeParams, SolverSettings, SyntheticParams, TestSettings,
-                                  TrainingRuntime)
+from efsolo.config.schema import (DATA_METRICS, MODELS, OVERLAY_MIN_SCORE, BackboneParams, DataParams, EECParams,
+                                  ExemplarParams, FreeMaskParams, FreeMaskRuntime, FreeSOLOParams, InputSettings,
+                                  LossSettings, ModelSettings, Params, ParamsError, PathSettings, PretrainParams,
+                                  PretrainRuntime, ReportParams, RuntimeParams, SolverSettings, SyntheticParams,
+                                  TestSettings, TrainingRuntime)
 
-__all__ = ["MODELS", "MOVED_KEYS", "OVERLAY_MIN_SCORE", "BackboneParams", "DataParams", "EECParams", "ExemplarParams",
-           "FreeMaskParams", "FreeMaskRuntime", "FreeSOLOParams", "InputSettings", "LossSettings", "ModelSettings",
-           "Params", "ParamsError", "PathSettings", "PretrainParams", "PretrainRuntime", "ReportParams",
-           "RuntimeParams", "SolverSettings", "SyntheticParams", "TestSettings", "TrainingRuntime", "load_params",
-           "params_from_dict", "to_dict"]
+__all__ = ["DATA_METRICS", "MODELS", "MOVED_KEYS", "OVERLAY_MIN_SCORE", "BackboneParams", "DataParams", "EECParams",
+           "ExemplarParams", "FreeMaskParams", "FreeMaskRuntime", "FreeSOLOParams", "InputSettings", "LossSettings",
+           "ModelSettings", "Params", "ParamsError", "PathSettings", "PretrainParams", "PretrainRuntime",
+           "ReportParams", "RuntimeParams", "SolverSettings", "SyntheticParams", "TestSettings", "TrainingRuntime",
+           "load_params", "params_from_dict", "to_dict"]

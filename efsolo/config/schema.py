@@ -409,6 +409,7 @@ class ReportParams:
 
 
 MODELS = ("freemask", "freesolo", "exemplar_freesolo")  # the models the pipeline trains or computes
+DATA_METRICS = "data.json"  # under paths.metrics: the data stage's counts (each split's images, objects, ignored)
 
 
 @dataclass(frozen=True)

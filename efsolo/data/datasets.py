@@ -195,6 +195,7 @@ def prepare_dataset(out_dir: str | Path, settings: DataParams, seed: int) -> dic
             atomic.write_json(out_dir / f"{split}_gt.json", result["gt"])
     report = {
         "source": source,
+        "splits": list(splits),
         **{f"{s}_images": len(r["manifest"]["images"]) for s, r in splits.items()},
         **{f"{s}_annotations": len(r["gt"]["annotations"]) for s, r in splits.items()},
         # ground-truth objects that are ignore regions (COCO iscrowd 1; synthetic: synthetic.indistinct)
@@ -208,9 +209,9 @@ def prepare_dataset(out_dir: str | Path, settings: DataParams, seed: int) -> dic
 
 
 def data_metrics(report: dict) -> dict:
-    """The numbers of a ``report.json`` per split: {split: {images, objects, ignored}, skipped}.
-    ``objects`` counts every ground-truth annotation, ``ignored`` those that are ignore regions."""
-    splits = sorted({k.rsplit("_", 1)[0] for k in report if k.endswith("_images")})
+    """The numbers of a ``report.json`` per split (its ``splits``): {split: {images, objects, ignored},
+    skipped}. ``objects`` counts every ground-truth annotation, ``ignored`` those that are ignore regions."""
+    splits = report["splits"]
     out: dict = {s: {"images": report[f"{s}_images"], "objects": report.get(f"{s}_annotations", 0),
                      "ignored": report.get(f"{s}_ignored", 0)} for s in splits}
     out["skipped"] = len(report.get("skipped", []))

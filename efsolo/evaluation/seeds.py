@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from efsolo.config import MODELS, load_params
+from efsolo.config import DATA_METRICS, MODELS, load_params
 from efsolo.utils import atomic
 from efsolo.utils.errors import EfsoloError
 
@@ -24,7 +24,6 @@ README_START, README_END = "<!-- seeds:start -->", "<!-- seeds:end -->"
 KEYS = (("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"), ("segm", "AR100"), ("bbox", "AP"), ("bbox", "AP50"))
 EEC_KEYS = ("frac_used", "grad_ratio", "logit_gap")  # Exemplar-FreeSOLO's training diagnostics (means)
 EEC_STATS = "train/exemplar_freesolo.json"
-DATA_STATS = "data.json"  # the data stage's counts: each split's images, objects and ignore regions
 
 
 def _dvc(*args: str, check: bool = True) -> str:
@@ -61,7 +60,7 @@ def experiment_metrics(show: list | dict, names: list[str], metrics_dir: str = "
                         metrics[model] = blob["data"]
                     elif Path(path) == Path(metrics_dir) / EEC_STATS:
                         metrics["eec"] = eec_means(blob["data"])
-                    elif Path(path) == Path(metrics_dir) / DATA_STATS:
+                    elif Path(path) == Path(metrics_dir) / DATA_METRICS:
                         metrics["data"] = blob["data"]
                 found[node["name"]] = (stamp, metrics)
         for v in node.values():
@@ -179,8 +178,8 @@ def workspace_metrics(seed: int, overrides: list[str]) -> dict | None:
              if (Path(metrics_dir) / f"{m}.json").is_file()}
     if found and (Path(metrics_dir) / EEC_STATS).is_file():
         found["eec"] = eec_means(json.loads((Path(metrics_dir) / EEC_STATS).read_text()))
-    if found and (Path(metrics_dir) / DATA_STATS).is_file():
-        found["data"] = json.loads((Path(metrics_dir) / DATA_STATS).read_text())
+    if found and (Path(metrics_dir) / DATA_METRICS).is_file():
+        found["data"] = json.loads((Path(metrics_dir) / DATA_METRICS).read_text())
     return found or None
 
 

@@ -53,8 +53,8 @@ def literal_cap(alpha: float, beta: float, tau: float) -> float:
 
 def eec_loss(emb: torch.Tensor, pool: torch.Tensor, alpha: float, beta: float, tau: float,
              g: torch.Generator | None = None, draw_rows: torch.Tensor | None = None,
-             draw_total: int | None = None,
-             logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             draw_total: int | None = None, logits: torch.Tensor | None = None,
+             slots: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_eec = -sum_n log(pos(n) / (pos(n) + neg(n))).
 
     emb (N, D) and pool (K, D) unit vectors: their cosines (N, K) select, for each row n, a
@@ -65,18 +65,26 @@ def eec_loss(emb: torch.Tensor, pool: torch.Tensor, alpha: float, beta: float, t
     on detached cosines. A row with no positive or no negative contributes zero.
     ``draw_rows`` (N,) places each row in a global set of ``draw_total`` rows: the random draws
     are made for all of them, so the chosen positives do not depend on how rows are sharded.
-    Returns (loss, diagnostics: fraction of rows with a positive, with negatives, with both; mean
-    numbers of positives and negatives; over the used rows the mean positive logit, the mean
-    negative logit (log of neg(n)) and their gap).
+    ``slots``: how many rows there could have been (the batch's images x instances; a row is an
+    image's guide mask, and the guide filter drops some); the fractions are over them (default N),
+    so an image without a guide mask counts as one the loss does not act on.
+    Returns (loss, diagnostics: fraction of slots with a row (``frac_embedded``), with a positive,
+    with negatives, with both (``frac_used``: what the loss acts on); mean numbers of positives and
+    negatives a row; over the used rows the mean positive logit, the mean negative logit (log of
+    neg(n)) and their gap).
     """
     n, k = emb.shape[0], pool.shape[0]
     zero = emb.sum() * 0.0 + pool.sum() * 0.0
     if logits is not None:
         zero = zero + logits.sum() * 0.0
     z = torch.zeros((), device=emb.device)
+    slots = n if slots is None else slots
+    if slots < n:
+        raise ValueError(f"eec_loss: {n} rows from {slots} slots")
+    embedded = torch.tensor(n / slots if slots else 0.0, device=emb.device)
     if n == 0 or k == 0:
-        return zero, {"frac_pos": z, "frac_neg": z, "frac_used": z, "mean_pos": z, "mean_neg": z,
-                      "pos_logit": z, "neg_logit": z, "logit_gap": z}
+        return zero, {"frac_embedded": embedded, "frac_pos": z, "frac_neg": z, "frac_used": z, "mean_pos": z,
+                      "mean_neg": z, "pos_logit": z, "neg_logit": z, "logit_gap": z}
     sims = emb @ pool.T  # (N, K) cosines
     lg = sims / tau if logits is None else logits
     pos_mask, neg_mask = sims.detach() > alpha, sims.detach() < beta
@@ -96,7 +104,8 @@ def eec_loss(emb: torch.Tensor, pool: torch.Tensor, alpha: float, beta: float, t
     n_used = used.float().sum().clamp_min(1.0)
     mean_pos = torch.where(used, pos_logit.detach(), z).sum() / n_used
     mean_neg = torch.where(used, log_neg.detach(), z).sum() / n_used
-    stats = {"frac_pos": has_pos.float().mean(), "frac_neg": has_neg.float().mean(), "frac_used": used.float().mean(),
+    stats = {"frac_embedded": embedded, "frac_pos": has_pos.float().sum() / slots,
+             "frac_neg": has_neg.float().sum() / slots, "frac_used": used.float().sum() / slots,
              "mean_pos": pos_mask.sum(1).float().mean(), "mean_neg": neg_mask.sum(1).float().mean(),
              "pos_logit": mean_pos, "neg_logit": mean_neg, "logit_gap": mean_pos - mean_neg}
     return loss, stats
@@ -346,12 +355,15 @@ def selection_thresholds(mode: str, alpha: float, beta: float, cosines: np.ndarr
     return float(np.quantile(cosines.max(1), alpha)), float(np.quantile(cosines, beta))
 
 
-def engaged_fraction(cosines: np.ndarray, alpha: float, beta: float) -> float:
-    """The fraction of rows (N, K) with a positive (> alpha) and a negative (< beta): those the
-    EEC loss acts on. 0 for no rows."""
-    if cosines.size == 0:
+def engaged_fraction(cosines: np.ndarray, alpha: float, beta: float, slots: int | None = None) -> float:
+    """The fraction of ``slots`` (default: the rows) whose row (N, K) has a positive (> alpha) and a
+    negative (< beta): those the EEC loss acts on. Rows are the images' guide masks; with ``slots``
+    the number of images x instances measured, an image whose guide masks were all filtered out
+    counts as not engaged. 0 for no rows."""
+    slots = len(cosines) if slots is None else slots
+    if cosines.size == 0 or slots == 0:
         return 0.0
-    return float(((cosines > alpha).any(1) & (cosines < beta).any(1)).mean())
+    return float(((cosines > alpha).any(1) & (cosines < beta).any(1)).sum() / slots)
 
 
 def percentiles(x: np.ndarray, qs: tuple[int, ...] = (10, 25, 50, 75, 90)) -> dict[str, float]:
@@ -360,11 +372,16 @@ def percentiles(x: np.ndarray, qs: tuple[int, ...] = (10, 25, 50, 75, 90)) -> di
 
 
 def engagement_error(where: str, fraction: float, minimum: float, mode: str, alpha: float, beta: float,
-                     thresholds: tuple[float, float], cosines: np.ndarray, source: str) -> str | None:
+                     thresholds: tuple[float, float], cosines: np.ndarray, source: str,
+                     embedded: float | None = None) -> str | None:
     """The one-line error for an EEC that engages on ``fraction`` < ``minimum`` of the images, or
-    None. It names the fraction, the thresholds, the measured cosines' percentiles and what to change."""
+    None. It names the fraction, the share of images that kept a guide mask (``embedded``, when
+    known), the thresholds, the measured cosines' percentiles and what to change."""
     if fraction >= minimum:
         return None
+    kept = "" if embedded is None else (
+        f" ({100 * embedded:.0f}% of them kept a guide mask after Free Mask's filters: freemask.score_threshold, "
+        f"max_box_width, top_exclude, max_border_fraction)")
     best, worst = (cosines.max(1), cosines.min(1)) if cosines.size else (np.zeros(0), np.zeros(0))
 
     def pct(x: np.ndarray) -> str:
@@ -372,7 +389,7 @@ def engagement_error(where: str, fraction: float, minimum: float, mode: str, alp
 
     how = (f"eec.alpha {alpha} and eec.beta {beta} (eec.thresholds: {mode}; cosines {thresholds[0]:.3f} and "
            f"{thresholds[1]:.3f})")
-    return (f"{where}: the EEC engaged on {100 * fraction:.2f}% of the images, below eec.min_frac_used "
+    return (f"{where}: the EEC engaged on {100 * fraction:.2f}% of the images{kept}, below eec.min_frac_used "
             f"({100 * minimum:.0f}%), at {how}; the images' best centred cosine to the pool is {pct(best)} and their "
             f"worst {pct(worst)} (10th / 50th / 90th percentiles, {source}): lower eec.alpha or raise eec.beta, "
             f"use eec.thresholds: quantile, or lower eec.min_frac_used")
@@ -384,14 +401,17 @@ def training_engagement_error(where: str, round_stats: dict, minimum: float, mod
     images, on average over its EEC iterations (``extra_mean``) or over the training's last quarter
     (``extra_tail_mean``: an EEC that went silent late, its mean over the run still above the
     minimum), or None."""
-    used = round_stats.get("extra_mean", {}).get("frac_used")
+    mean = round_stats.get("extra_mean", {})
+    used = mean.get("frac_used")
     if used is not None:
-        problem = engagement_error(where, used, minimum, mode, alpha, beta, thresholds, cosines, source)
+        problem = engagement_error(where, used, minimum, mode, alpha, beta, thresholds, cosines, source,
+                                   mean.get("frac_embedded"))
         if problem:
             return problem + " (mean over the training's EEC iterations)"
     tail = round_stats.get("extra_tail_mean", {})
     if tail.get("frac_used") is not None:
-        problem = engagement_error(where, tail["frac_used"], minimum, mode, alpha, beta, thresholds, cosines, source)
+        problem = engagement_error(where, tail["frac_used"], minimum, mode, alpha, beta, thresholds, cosines, source,
+                                   tail.get("frac_embedded"))
         if problem:
             return problem + (f" (mean over the training's last quarter, iterations {tail['from_iter'] + 1}-"
                               f"{round_stats['iters']}: the EEC went silent)")
@@ -472,8 +492,10 @@ def run_pool(pool_json: str | Path, backbone: str | Path, start_state: str | Pat
                        "view": eec.exemplar_view, "pooled_queries": pooled, "embeddings": initial, "exemplars": meta,
                        "calibration": {"cosines": torch.from_numpy(cosines), "images": len(chosen),
                                        "granularity": eec.granularity, "centre": eec.centre}}, out_path)
+    slots = len(chosen) * instances  # the guide masks there could have been; filtered ones give no row
     out: dict = {"exemplars": len(meta), "channels": int(c), "trunk": str(start_state or backbone),
-                 "calibration_images": len(chosen), "rows": int(cosines.shape[0])}
+                 "calibration_images": len(chosen), "rows": int(cosines.shape[0]),
+                 "embedded": round(cosines.shape[0] / slots, 4) if slots else 0.0}
     for name, emb in (("raw", initial), ("centred", F.normalize(pooled - pooled.mean(0), dim=1) if len(meta) else pooled)):
         sims = (emb @ emb.T).numpy() if len(meta) else np.zeros((0, 0))
         off = sims[~np.eye(len(meta), dtype=bool)] if len(meta) > 1 else np.zeros(0)
@@ -483,11 +505,11 @@ def run_pool(pool_json: str | Path, backbone: str | Path, start_state: str | Pat
         out["worst_cosine"] = percentiles(cosines.min(1))
         out["all_cosines"] = percentiles(cosines.ravel())
         # what the paper's absolute thresholds would select on this trunk and data
-        out["engaged_at_paper_thresholds"] = round(engaged_fraction(cosines, 0.8, 0.3), 4)
+        out["engaged_at_paper_thresholds"] = round(engaged_fraction(cosines, 0.8, 0.3, slots), 4)
         a, b = selection_thresholds(eec.thresholds, eec.alpha, eec.beta, cosines)
         out["thresholds"] = {"mode": eec.thresholds, "alpha": eec.alpha, "beta": eec.beta,
                              "positive_cosine": round(a, 4), "negative_cosine": round(b, 4),
-                             "engaged": round(engaged_fraction(cosines, a, b), 4)}
+                             "engaged": round(engaged_fraction(cosines, a, b, slots), 4)}
     atomic.write_json(metrics_path, out, indent=1)
     qs = np.linspace(0, 1, 51)
     best = np.quantile(cosines.max(1), qs) if cosines.size else np.zeros_like(qs)
@@ -547,7 +569,8 @@ def make_eec_loss(pool: dict, eec: EECParams, thresholds: tuple[float, float], s
         if rows is None:  # this process holds the whole batch
             rows, total = torch.arange(images.shape[0]), images.shape[0]
         draw_rows = rows.to(dev)[owner] * instances + slot
-        loss, stats = eec_loss(emb, exemplars, alpha, beta, eec.tau, g, draw_rows, total * instances, logits=lg)
+        loss, stats = eec_loss(emb, exemplars, alpha, beta, eec.tau, g, draw_rows, total * instances, logits=lg,
+                               slots=len(rows) * instances)
         # L_eec sums over images; DDP averages gradients over processes, so scale by their number
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         return {"total": eec.weight * world * loss, "loss": loss.detach(), **stats,
