@@ -75,12 +75,14 @@ def test_the_eec_diagnostics_of_each_seed_are_kept():
         {"rev": "x", "name": "seed-3", "experiments": None, "data": {"timestamp": "t", "metrics": {
             "metrics/freesolo.json": {"data": {"segm": {"AP": 0.1}}},
             "metrics/train/exemplar_freesolo.json": {"data": {"round1": {"extra_mean": {
-                "frac_used": 0.6, "grad_ratio": 0.4, "loss": 0.2}}}}}}}]}]}]
+                "frac_embedded": 0.8, "frac_used": 0.6, "grad_ratio": 0.4, "loss": 0.2}}}}}}}]}]}]
     found = experiment_metrics(show, ["seed-3"])
-    assert found["seed-3"]["eec"] == {"frac_used": 0.6, "grad_ratio": 0.4}
+    assert found["seed-3"]["eec"] == {"frac_embedded": 0.8, "frac_used": 0.6, "grad_ratio": 0.4}
     result = summarise({3: found["seed-3"]})
-    assert result["eec"] == {"3": {"frac_used": 0.6, "grad_ratio": 0.4}}
-    assert "| 3 | 0.600 | 0.400 | - |" in table(result)
+    assert result["eec"] == {"3": {"frac_embedded": 0.8, "frac_used": 0.6, "grad_ratio": 0.4}}
+    assert "| 3 | 0.800 | 0.600 | 0.400 | - |" in table(result)
+    # a run from before frac_embedded was logged: its cell is empty, the others keep their columns
+    assert "| 3 | - | 0.600 | 0.400 | - |" in table({**result, "eec": {"3": {"frac_used": 0.6, "grad_ratio": 0.4}}})
 
 
 def test_each_seeds_ignored_objects_are_kept_and_tabled():

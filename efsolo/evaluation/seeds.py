@@ -22,7 +22,7 @@ from efsolo.utils.errors import EfsoloError
 
 README_START, README_END = "<!-- seeds:start -->", "<!-- seeds:end -->"
 KEYS = (("segm", "AP"), ("segm", "AP50"), ("segm", "AP75"), ("segm", "AR100"), ("bbox", "AP"), ("bbox", "AP50"))
-EEC_KEYS = ("frac_used", "grad_ratio", "logit_gap")  # Exemplar-FreeSOLO's training diagnostics (means)
+EEC_KEYS = ("frac_embedded", "frac_used", "grad_ratio", "logit_gap")  # Exemplar-FreeSOLO's training diagnostics (means)
 EEC_STATS = "train/exemplar_freesolo.json"
 
 
