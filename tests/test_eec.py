@@ -255,29 +255,35 @@ def _far_pool_cosines(centre=True):
     return pooled, cos
 
 
-def test_a_pool_far_from_every_image_stops_exemplar_freesolo(tmp_path, monkeypatch, capsys):
-    """The paper's absolute thresholds on a pool far from every image engage the EEC on no image:
-    the stage stops before training with one line naming the fraction, the cosines and the params.
-    The quantile thresholds on the same cosines engage on about 1 - alpha of the images."""
+def _refusal(tmp_path, monkeypatch, capsys, pooled, calibration, params) -> str:
+    """Write a pool of ``pooled`` queries with ``calibration`` and ``params.yaml``, run the
+    ``exemplar_freesolo`` stage, check it stops with exit code 1 and one line, and return the line."""
     import yaml
 
     from efsolo.pipeline import entry_point, exemplar_freesolo
     from efsolo.utils import atomic
 
-    pooled, cos = _far_pool_cosines()
-    assert cos.shape == (6, 8) and cos.max() < 0.8
     monkeypatch.chdir(tmp_path)
     atomic.torch_save({"format": POOL_FORMAT, "feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64,
                        "view": "scene", "pooled_queries": pooled, "embeddings": F.normalize(pooled, dim=1),
-                       "exemplars": [{}] * 8, "calibration": {"cosines": torch.from_numpy(cos)}},
-                      tmp_path / "exemplars" / "pool.pt")
-    params = {"exemplar": {"min_pool": 1}, "eec": {"thresholds": "absolute", "alpha": 0.8, "beta": 0.3}}
+                       "exemplars": [{}] * len(pooled), "calibration": calibration}, tmp_path / "exemplars" / "pool.pt")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(SystemExit) as stop:
         entry_point(exemplar_freesolo)("params.yaml")
     assert stop.value.code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
+    return err
+
+
+def test_a_pool_far_from_every_image_stops_exemplar_freesolo(tmp_path, monkeypatch, capsys):
+    """The paper's absolute thresholds on a pool far from every image engage the EEC on no image:
+    the stage stops before training with one line naming the fraction, the cosines and the params.
+    The quantile thresholds on the same cosines engage on about 1 - alpha of the images."""
+    pooled, cos = _far_pool_cosines()
+    assert cos.shape == (6, 8) and cos.max() < 0.8
+    params = {"exemplar": {"min_pool": 1}, "eec": {"thresholds": "absolute", "alpha": 0.8, "beta": 0.3}}
+    err = _refusal(tmp_path, monkeypatch, capsys, pooled, {"cosines": torch.from_numpy(cos)}, params)
     assert "engaged on 0.00% of the images" in err and "eec.min_frac_used (10%)" in err
     assert "eec.alpha 0.8" in err and "eec.thresholds: quantile" in err and "percentiles" in err
     a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
@@ -288,23 +294,9 @@ def test_the_guard_counts_the_calibration_images_that_kept_no_guide_mask(tmp_pat
     """The same cosines engage about half of their rows at the quantile thresholds; when the pool
     stage measured 100 images and only these 6 kept a guide mask, the EEC engages on at most 6% of
     the images: the stage stops, and its line says how many images kept a guide mask."""
-    import yaml
-
-    from efsolo.pipeline import entry_point, exemplar_freesolo
-    from efsolo.utils import atomic
-
     pooled, cos = _far_pool_cosines()
-    monkeypatch.chdir(tmp_path)
     calibration = {"cosines": torch.from_numpy(cos), "images": 100, "granularity": "image"}
-    atomic.torch_save({"format": POOL_FORMAT, "feature_level": "c5", "upsample": 2, "short_side": 64, "max_side": 64,
-                       "view": "scene", "pooled_queries": pooled, "embeddings": F.normalize(pooled, dim=1),
-                       "exemplars": [{}] * 8, "calibration": calibration}, tmp_path / "exemplars" / "pool.pt")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"exemplar": {"min_pool": 1}}))  # quantile thresholds
-    with pytest.raises(SystemExit) as stop:
-        entry_point(exemplar_freesolo)("params.yaml")
-    assert stop.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    err = _refusal(tmp_path, monkeypatch, capsys, pooled, calibration, {"exemplar": {"min_pool": 1}})  # quantile
     assert "6% of them kept a guide mask" in err and "100 training images, 6 with a guide mask" in err
     a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
     assert 0.3 <= engaged_fraction(cos, a, b) and engaged_fraction(cos, a, b, slots=100) <= 0.06
