@@ -243,7 +243,7 @@ def exemplar_freesolo(p: Params) -> dict:
     cosines = calibration["cosines"].numpy()
     thresholds = selection_thresholds(e.thresholds, e.alpha, e.beta, cosines)
     images = int(calibration.get("images", len(cosines)))
-    slots = images * (1 if calibration.get("granularity", e.granularity) == "image" else e.max_instances)
+    slots = int(calibration["slots"])
     source = f"{images} training images, {len(cosines)} with a guide mask, {files.metrics / 'pool.json'}"
     problem = engagement_error(f"{files.pool}", engaged_fraction(cosines, *thresholds, slots), e.min_frac_used,
                                e.thresholds, e.alpha, e.beta, thresholds, cosines, source,

@@ -283,7 +283,7 @@ def test_a_pool_far_from_every_image_stops_exemplar_freesolo(tmp_path, monkeypat
     pooled, cos = _far_pool_cosines()
     assert cos.shape == (6, 8) and cos.max() < 0.8
     params = {"exemplar": {"min_pool": 1}, "eec": {"thresholds": "absolute", "alpha": 0.8, "beta": 0.3}}
-    err = _refusal(tmp_path, monkeypatch, capsys, pooled, {"cosines": torch.from_numpy(cos)}, params)
+    err = _refusal(tmp_path, monkeypatch, capsys, pooled, {"cosines": torch.from_numpy(cos), "slots": 6}, params)
     assert "engaged on 0.00% of the images" in err and "eec.min_frac_used (10%)" in err
     assert "eec.alpha 0.8" in err and "eec.thresholds: quantile" in err and "percentiles" in err
     a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
@@ -295,9 +295,18 @@ def test_the_guard_counts_the_calibration_images_that_kept_no_guide_mask(tmp_pat
     stage measured 100 images and only these 6 kept a guide mask, the EEC engages on at most 6% of
     the images: the stage stops, and its line says how many images kept a guide mask."""
     pooled, cos = _far_pool_cosines()
-    calibration = {"cosines": torch.from_numpy(cos), "images": 100, "granularity": "image"}
+    calibration = {"cosines": torch.from_numpy(cos), "images": 100, "granularity": "image", "slots": 100}
     err = _refusal(tmp_path, monkeypatch, capsys, pooled, calibration, {"exemplar": {"min_pool": 1}})  # quantile
     assert "6% of them kept a guide mask" in err and "100 training images, 6 with a guide mask" in err
+
+
+def test_a_pool_from_an_older_efsolo_is_refused_with_the_stage_to_rerun(tmp_path, monkeypatch, capsys):
+    """A pool whose calibration does not record its slots (written before they were recorded) is
+    refused with one line that names the file and the stage to re-run, not a KeyError."""
+    pooled, cos = _far_pool_cosines()
+    calibration = {"cosines": torch.from_numpy(cos), "images": 6, "granularity": "image"}
+    err = _refusal(tmp_path, monkeypatch, capsys, pooled, calibration, {"exemplar": {"min_pool": 1}})
+    assert "exemplars/pool.pt: an exemplar pool written by an older efsolo" in err and "dvc repro pool" in err
     a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
     assert 0.3 <= engaged_fraction(cos, a, b) and engaged_fraction(cos, a, b, slots=100) <= 0.06
 

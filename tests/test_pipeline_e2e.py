@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,8 @@ def test_repro_produces_metrics_and_is_then_up_to_date(repo):
     pool = json.loads((repo / "metrics" / "pool.json").read_text())
     assert pool["calibration_images"] == 12 and pool["rows"] <= 12 and "p50" in pool["best_cosine"]
     assert train_stats["thresholds"]["positive_cosine"] == pool["thresholds"]["positive_cosine"]
+    calibration = torch.load(repo / "exemplars" / "pool.pt", weights_only=True)["calibration"]
+    assert calibration["slots"] == 12 and pool["embedded"] == round(pool["rows"] / 12, 4)  # granularity: image
     assert (repo / "metrics" / "pool" / "cosines.csv").read_text().startswith("quantile,best_cosine,worst_cosine")
     # eec.start_iter 1: Exemplar-FreeSOLO continued FreeSOLO's state after 1 of its 2 iterations
     eec_curve = (repo / "dvclive" / "exemplar_freesolo" / "plots" / "metrics" / "train" / "eec" / "frac_used.tsv")

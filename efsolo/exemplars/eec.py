@@ -487,12 +487,13 @@ def run_pool(pool_json: str | Path, backbone: str | Path, start_state: str | Pat
     cosines = image_cosines(trunk, module, images, pooled, eec.feature_level, instances, eec.centre, input_short_side,
                             input_max_side, free_mask_options, guide_filters) if len(meta) else \
         np.zeros((0, 0), np.float32)
+    slots = len(chosen) * instances  # the guide masks there could have been; filtered ones give no row
     atomic.torch_save({"format": POOL_FORMAT, "feature_level": eec.feature_level, "upsample": eec.upsample,
                        "short_side": eec.exemplar_short_side, "max_side": eec.exemplar_max_side,
                        "view": eec.exemplar_view, "pooled_queries": pooled, "embeddings": initial, "exemplars": meta,
                        "calibration": {"cosines": torch.from_numpy(cosines), "images": len(chosen),
-                                       "granularity": eec.granularity, "centre": eec.centre}}, out_path)
-    slots = len(chosen) * instances  # the guide masks there could have been; filtered ones give no row
+                                       "granularity": eec.granularity, "centre": eec.centre, "slots": slots}},
+                      out_path)
     out: dict = {"exemplars": len(meta), "channels": int(c), "trunk": str(start_state or backbone),
                  "calibration_images": len(chosen), "rows": int(cosines.shape[0]),
                  "embedded": round(cosines.shape[0] / slots, 4) if slots else 0.0}
@@ -530,6 +531,9 @@ def load_pool(path: str | Path) -> dict:
         raise EfsoloError(f"{path}: not an exemplar pool file ({type(err).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != POOL_FORMAT:
         raise EfsoloError(f"{path}: not an exemplar pool file")
+    if "slots" not in blob.get("calibration", {}):
+        raise EfsoloError(f"{path}: an exemplar pool written by an older efsolo (its calibration does not say how many "
+                          f"guide masks it could have had); re-run the pool stage: dvc repro pool")
     return blob
 
 
