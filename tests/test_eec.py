@@ -328,3 +328,20 @@ def test_the_guard_refuses_an_eec_that_went_silent_late():
     never = {"iters": 900, "extra_mean": {"frac_used": 0.05}, "extra_tail_mean": {"from_iter": 675, "frac_used": 0.0}}
     assert "mean over the training's EEC iterations" in training_engagement_error(args[0], never, *args[1:])
     assert training_engagement_error(args[0], {"iters": 900}, *args[1:]) is None  # no EEC iterations: nothing to judge
+    assert "lower eec.alpha" in err and "eec.weight" not in err  # no guide mask share known: the thresholds
+
+
+def test_the_guard_points_at_the_weight_when_the_guide_masks_were_lost():
+    """When most views lost their guide mask and most of those kept engage, no threshold can lift
+    the fraction: the line says so and names eec.weight instead of the thresholds; when the guide
+    masks stayed and the thresholds engage few of them, it names the thresholds (quantile mode:
+    without advising the mode it already uses)."""
+    from efsolo.exemplars.eec import engagement_error
+
+    cos = np.array([[0.9, 0.1], [0.2, 0.1]])
+    args = ("stats.json", 0.1, "quantile", 0.5, 0.3, (0.6, -0.2), cos, "2 images")
+    lost = engagement_error(args[0], 0.0856, *args[1:], embedded=0.0869)
+    assert "9% of them kept a guide mask" in lost and "too few images keep a guide mask: lower eec.weight" in lost
+    assert "lower eec.alpha" not in lost
+    kept = engagement_error(args[0], 0.05, *args[1:], embedded=0.9)
+    assert "lower eec.alpha or raise eec.beta, or lower eec.min_frac_used" in kept and "eec.weight" not in kept

@@ -376,9 +376,16 @@ def engagement_error(where: str, fraction: float, minimum: float, mode: str, alp
                      embedded: float | None = None) -> str | None:
     """The one-line error for an EEC that engages on ``fraction`` < ``minimum`` of the images, or
     None. It names the fraction, the share of images that kept a guide mask (``embedded``, when
-    known), the thresholds, the measured cosines' percentiles and what to change."""
+    known), the thresholds, the measured cosines' percentiles and what to change: the guide masks
+    when at least half of those kept engage (thresholds cannot add the rest), else the thresholds."""
     if fraction >= minimum:
         return None
+    if embedded is not None and fraction >= 0.5 * embedded:
+        advice = ("too few images keep a guide mask: lower eec.weight (an EEC that pulls too hard empties its own "
+                  "guide masks, docs/eec.md), loosen those filters, or lower eec.min_frac_used")
+    else:
+        advice = "lower eec.alpha or raise eec.beta" + (", use eec.thresholds: quantile" if mode == "absolute" else "") \
+            + ", or lower eec.min_frac_used"
     kept = "" if embedded is None else (
         f" ({100 * embedded:.0f}% of them kept a guide mask after Free Mask's filters: freemask.score_threshold, "
         f"max_box_width, top_exclude, max_border_fraction)")
@@ -391,8 +398,7 @@ def engagement_error(where: str, fraction: float, minimum: float, mode: str, alp
            f"{thresholds[1]:.3f})")
     return (f"{where}: the EEC engaged on {100 * fraction:.2f}% of the images{kept}, below eec.min_frac_used "
             f"({100 * minimum:.0f}%), at {how}; the images' best centred cosine to the pool is {pct(best)} and their "
-            f"worst {pct(worst)} (10th / 50th / 90th percentiles, {source}): lower eec.alpha or raise eec.beta, "
-            f"use eec.thresholds: quantile, or lower eec.min_frac_used")
+            f"worst {pct(worst)} (10th / 50th / 90th percentiles, {source}): {advice}")
 
 
 def training_engagement_error(where: str, round_stats: dict, minimum: float, mode: str, alpha: float, beta: float,
