@@ -6,7 +6,8 @@
 # make seeds: setup, then the whole pipeline for seeds 0, 1, 2 as a DVC experiment queue; writes
 #             metrics/seeds.json (per seed, and mean ± std) and prints the table.
 #             make seeds LOOK=photo: the same on the photo look, into metrics/seeds_photo.json
-# make eec-from-scratch: the paper's protocol (the EEC over the whole training) as a DVC experiment
+# make eec-from-scratch: the paper's protocol (the EEC over the whole training) as a DVC experiment;
+#             on the demo's photo seed 3 its guide masks faded and the guard refused it (docs/eec.md)
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
