@@ -298,6 +298,8 @@ def test_the_guard_counts_the_calibration_images_that_kept_no_guide_mask(tmp_pat
     calibration = {"cosines": torch.from_numpy(cos), "images": 100, "granularity": "image", "slots": 100}
     err = _refusal(tmp_path, monkeypatch, capsys, pooled, calibration, {"exemplar": {"min_pool": 1}})  # quantile
     assert "6% of them kept a guide mask" in err and "100 training images, 6 with a guide mask" in err
+    a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
+    assert 0.3 <= engaged_fraction(cos, a, b) and engaged_fraction(cos, a, b, slots=100) <= 0.06
 
 
 def test_a_pool_from_an_older_efsolo_is_refused_with_the_stage_to_rerun(tmp_path, monkeypatch, capsys):
@@ -307,8 +309,6 @@ def test_a_pool_from_an_older_efsolo_is_refused_with_the_stage_to_rerun(tmp_path
     calibration = {"cosines": torch.from_numpy(cos), "images": 6, "granularity": "image"}
     err = _refusal(tmp_path, monkeypatch, capsys, pooled, calibration, {"exemplar": {"min_pool": 1}})
     assert "exemplars/pool.pt: an exemplar pool written by an older efsolo" in err and "dvc repro pool" in err
-    a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
-    assert 0.3 <= engaged_fraction(cos, a, b) and engaged_fraction(cos, a, b, slots=100) <= 0.06
 
 
 def test_the_guard_refuses_an_eec_that_went_silent_late():
