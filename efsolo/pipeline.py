@@ -242,7 +242,7 @@ def exemplar_freesolo(p: Params) -> dict:
     calibration = pool_blob["calibration"]
     cosines = calibration["cosines"].numpy()
     thresholds = selection_thresholds(e.thresholds, e.alpha, e.beta, cosines)
-    images = int(calibration.get("images", len(cosines)))
+    images = int(calibration["images"])
     slots = int(calibration["slots"])
     source = f"{images} training images, {len(cosines)} with a guide mask, {files.metrics / 'pool.json'}"
     problem = engagement_error(f"{files.pool}", engaged_fraction(cosines, *thresholds, slots), e.min_frac_used,

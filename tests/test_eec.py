@@ -283,7 +283,7 @@ def test_a_pool_far_from_every_image_stops_exemplar_freesolo(tmp_path, monkeypat
     pooled, cos = _far_pool_cosines()
     assert cos.shape == (6, 8) and cos.max() < 0.8
     params = {"exemplar": {"min_pool": 1}, "eec": {"thresholds": "absolute", "alpha": 0.8, "beta": 0.3}}
-    err = _refusal(tmp_path, monkeypatch, capsys, pooled, {"cosines": torch.from_numpy(cos), "slots": 6}, params)
+    err = _refusal(tmp_path, monkeypatch, capsys, pooled, {"cosines": torch.from_numpy(cos), "images": 6, "slots": 6}, params)
     assert "engaged on 0.00% of the images" in err and "eec.min_frac_used (10%)" in err
     assert "eec.alpha 0.8" in err and "eec.thresholds: quantile" in err and "percentiles" in err
     a, b = selection_thresholds("quantile", 0.5, 0.3, cos)
