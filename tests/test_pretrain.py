@@ -105,3 +105,16 @@ def test_zero_iterations_writes_seeded_random_init(tmp_path):
     b = torch.load(tmp_path / "b.pt", weights_only=True)
     assert a["source"].startswith("random-init")
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_dense_level_moves_the_dense_head_and_its_correspondence():
+    """``dense_level``: the dense projections, and the backbone features their correspondence is
+    matched on, come from that level (C5 stride 32, C4 16, C3 8); the global projection from pooled C5."""
+    x = torch.randn(2, 3, 64, 64)
+    for level, grid in (("c5", 2), ("c4", 4), ("c3", 8)):
+        enc = pretrain.DenseCLEncoder("resnet18", 8, dense_level=level)
+        f, g, d = enc(x)
+        assert f.shape == (2, enc.trunk.channels[level], grid, grid)
+        assert g.shape == (2, 8) and d.shape == (2, 8, grid, grid)
+    with pytest.raises(Exception, match="backbone.pretrain.dense_level must be c3, c4 or c5"):
+        PretrainParams(dense_level="c2")

@@ -94,6 +94,7 @@ class PretrainParams:
     proj_dim: int = 128
     color_jitter: float = 0.4  # MoCo v2 / DenseCL: brightness, contrast, saturation 0.4, hue 0.1
     grayscale_prob: float = 0.2
+    dense_level: str = "c5"  # DenseCL: the dense head and its correspondence on C5; c4 or c3: finer grids
 
     def __post_init__(self) -> None:
         _non_negative("backbone.pretrain.iters", self.iters)
@@ -109,6 +110,8 @@ class PretrainParams:
         _positive("backbone.pretrain.proj_dim", self.proj_dim)
         _in_unit("backbone.pretrain.color_jitter", self.color_jitter)
         _in_unit("backbone.pretrain.grayscale_prob", self.grayscale_prob)
+        require(self.dense_level in ("c3", "c4", "c5"), "backbone.pretrain.dense_level", "must be c3, c4 or c5",
+                self.dense_level)
 
 
 @dataclass(frozen=True)

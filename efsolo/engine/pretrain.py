@@ -4,7 +4,9 @@ Two augmented views per image; a query encoder and a momentum key encoder, each 
 global projection head (MLP on pooled C5) and a dense projection head (1x1 convs on C5);
 two queues of negatives. The dense positive of a query position is the key position whose
 backbone feature is most similar (DenseCL's correspondence); the dense queue holds pooled
-dense keys. Loss = (1 - w) * global InfoNCE + w * dense InfoNCE.
+dense keys. Loss = (1 - w) * global InfoNCE + w * dense InfoNCE. ``dense_level`` moves the dense head and
+its correspondence from C5 (DenseCL) to a finer level (C4, C3), whose grid holds more positions
+at the demo's small crops (96 px: C5 3x3, C3 12x12).
 """
 from __future__ import annotations
 
@@ -33,18 +35,22 @@ from efsolo.utils.errors import TrainingError
 class DenseCLEncoder(nn.Module):
     """Trunk + global and dense projection heads."""
 
-    def __init__(self, arch: str, proj_dim: int) -> None:
+    def __init__(self, arch: str, proj_dim: int, dense_level: str = "c5") -> None:
         super().__init__()
         self.trunk = ResNetTrunk(arch, 32)
-        c = self.trunk.channels["c5"]
+        self.dense_level = dense_level
+        c, c_dense = self.trunk.channels["c5"], self.trunk.channels[dense_level]
         hidden = min(2048, c)
         self.global_head = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim))
-        self.dense_head = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, proj_dim, 1))
+        self.dense_head = nn.Sequential(nn.Conv2d(c_dense, hidden, 1), nn.ReLU(inplace=True),
+                                        nn.Conv2d(hidden, proj_dim, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, 3, H, W) -> backbone features (B, C, h, w), global (B, D), dense (B, D, h, w)."""
-        f = self.trunk(x)["c5"]
-        return f, self.global_head(f.mean(dim=(2, 3))), self.dense_head(f)
+        """x (B, 3, H, W) -> the dense level's backbone features (B, C, h, w), on which the dense
+        correspondence is matched; global (B, D), from pooled C5; dense (B, D, h, w), from the dense level."""
+        feats = self.trunk(x)
+        f = feats[self.dense_level]
+        return f, self.global_head(feats["c5"].mean(dim=(2, 3))), self.dense_head(f)
 
 
 def densecl_loss(g_q: torch.Tensor, g_k: torch.Tensor, d_q: torch.Tensor, d_k: torch.Tensor,
@@ -132,7 +138,7 @@ def pretrain_backbone(manifest: str | Path, out_path: str | Path, ckpt_dir: str 
     ``precision`` bfloat16 the encoders run under bf16 autocast (the loss and the optimiser in float32)."""
     seed_everything(seed)
     records = load_manifest(manifest)
-    enc_q = DenseCLEncoder(arch, settings.proj_dim).to(device)
+    enc_q = DenseCLEncoder(arch, settings.proj_dim, settings.dense_level).to(device)
     if settings.iters == 0:
         make_live(live_dir).end()
         save_backbone(out_path, arch, enc_q.trunk.state_dict(), source=f"random-init(seed={seed})")
