@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from efsolo.config import DataParams, SyntheticParams
 from efsolo.data import datasets
-from efsolo.config import PretrainParams, PretrainRuntime
+from efsolo.config import ParamsError, PretrainParams, PretrainRuntime
 from efsolo.engine import pretrain
 from efsolo.engine import resume
 
@@ -116,5 +116,5 @@ def test_dense_level_moves_the_dense_head_and_its_correspondence():
         f, g, d = enc(x)
         assert f.shape == (2, enc.trunk.channels[level], grid, grid)
         assert g.shape == (2, 8) and d.shape == (2, 8, grid, grid)
-    with pytest.raises(Exception, match="backbone.pretrain.dense_level must be c3, c4 or c5"):
+    with pytest.raises(ParamsError, match="backbone.pretrain.dense_level must be c3, c4 or c5, got 'c2'"):
         PretrainParams(dense_level="c2")
