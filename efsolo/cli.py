@@ -62,6 +62,26 @@ def evaluate(model: str = typer.Option(..., help="Model name: metrics/<model>.js
 
 
 @app.command()
+def audit(ground_truth: str = typer.Option(..., "--gt", help="COCO ground truth, e.g. data/prepared/train_gt.json."),
+          predictions: str = typer.Option(..., help="COCO results or a scored dataset, e.g. pseudo/freemask/train.json."),
+          min_on_objects: float = typer.Option(0.2, help="A mask with less of its pixels on ground-truth objects "
+                                                         "is on the background.")) -> None:
+    """Where masks lie: on the ground truth's objects, or on what it does not list (docs/free-mask.md)."""
+    def run() -> None:
+        from efsolo.data.coco_format import read_json
+        from efsolo.evaluation.audit import audit_predictions
+        from efsolo.evaluation.evaluate import as_results
+
+        a = audit_predictions(read_json(ground_truth), as_results(read_json(predictions), predictions), min_on_objects)
+        n = max(1, a["predictions"])
+        print(f"{a['predictions']} masks: {a['matching']} match an object (IoU >= 0.5), {a['on_background']} "
+              f"({a['on_background'] / n:.0%}) on the background; {a['found']} of {a['objects']} objects found")
+        for key, label in (("segm", "as predicted"), ("segm_without_background", "background masks removed")):
+            print(f"segm AP / AP50 / AP75, {label}: " + " / ".join(f"{100 * a[key][k]:.2f}" for k in ("AP", "AP50", "AP75")))
+    _run(run)
+
+
+@app.command()
 def table(readme: Optional[str] = typer.Option(None, help="Also write the table into this README, "
                                                            "between its results markers."),
           params: str = PARAMS) -> None:
