@@ -10,22 +10,12 @@ truth leaves out), not a result (docs/free-mask.md, "What the photo look's groun
 from __future__ import annotations
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from efsolo.evaluation.evaluate import _coco_from_dict, evaluate
 
 
-def _decode(segmentation: dict | list, height: int, width: int) -> np.ndarray:
-    """A COCO segmentation (polygons, or RLE compressed or not) -> (height, width) bool."""
-    if isinstance(segmentation, list):
-        segmentation = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    elif isinstance(segmentation.get("counts"), list):
-        segmentation = mask_utils.frPyObjects(segmentation, height, width)
-    return mask_utils.decode(segmentation).astype(bool)
-
-
 def audit_predictions(gt: dict, results: list[dict], min_on_objects: float = 0.2) -> dict:
-    """Split ``results`` (a COCO results list with RLE masks) by their overlap with ``gt``'s objects.
+    """Split ``results`` (a COCO results list: RLE or polygon masks) by their overlap with ``gt``'s objects.
 
     A result is "on the background" when less than ``min_on_objects`` of its pixels lie on any
     ground-truth object (ignore regions included). Returns ``{"predictions", "matching"
@@ -33,36 +23,31 @@ def audit_predictions(gt: dict, results: list[dict], min_on_objects: float = 0.2
     (objects with a result at IoU >= 0.5), "segm": {"AP", "AP50", "AP75"}, "segm_without_background":
     {...}}`` (AP in [0, 1]). No results give zeros.
     """
-    coco = _coco_from_dict(gt)
-    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
-    results = [r for r in results if r["image_id"] in sizes]
-    objects = {i: [] for i in sizes}
+    coco = _coco_from_dict(gt)  # decodes both the ground truth and the results (annToMask: any COCO segmentation)
+    results = [r for r in results if r["image_id"] in coco.imgs]
+    objects: dict[int, list[tuple[np.ndarray, bool]]] = {i: [] for i in coco.imgs}
     for ann in gt["annotations"]:
         objects[ann["image_id"]].append((coco.annToMask(ann).astype(bool), bool(ann.get("iscrowd", 0))))
-    matching, background, found, counted = 0, [], set(), 0
-    for image_id, objs in objects.items():
-        counted += sum(not crowd for _, crowd in objs)
+    union = {}  # each image's pixels on any object, ignore regions included
+    for i, objs in objects.items():
+        union[i] = np.zeros((coco.imgs[i]["height"], coco.imgs[i]["width"]), bool)
+        for g, _ in objs:
+            union[i] |= g
+    matching, background, found = 0, set(), set()
     for k, r in enumerate(results):
-        h, w = sizes[r["image_id"]]
-        m = _decode(r["segmentation"], h, w)
-        objs = objects[r["image_id"]]
-        union = np.zeros((h, w), bool)
-        hit = False
-        for j, (g, crowd) in enumerate(objs):
-            union |= g
-            inter = np.logical_and(m, g).sum()
-            if not crowd and inter / max(1, np.logical_or(m, g).sum()) >= 0.5:
-                hit = True
-                found.add((r["image_id"], j))
-        matching += hit
-        if np.logical_and(m, union).sum() < min_on_objects * max(1, m.sum()):
-            background.append(k)
-    dropped = set(background)
-    kept = [r for k, r in enumerate(results) if k not in dropped]
+        m = coco.annToMask(r).astype(bool)
+        hits = {j for j, (g, crowd) in enumerate(objects[r["image_id"]])
+                if not crowd and (m & g).sum() >= 0.5 * max(1, (m | g).sum())}
+        matching += bool(hits)
+        found |= {(r["image_id"], j) for j in hits}
+        if (m & union[r["image_id"]]).sum() < min_on_objects * max(1, m.sum()):
+            background.add(k)
 
     def segm(res: list[dict]) -> dict:
         s = evaluate(gt, res)[0]["segm"]
         return {k: s[k] for k in ("AP", "AP50", "AP75")}
 
     return {"predictions": len(results), "matching": matching, "on_background": len(background),
-            "objects": counted, "found": len(found), "segm": segm(results), "segm_without_background": segm(kept)}
+            "objects": sum(not ann.get("iscrowd", 0) for ann in gt["annotations"]), "found": len(found),
+            "segm": segm(results),
+            "segm_without_background": segm([r for k, r in enumerate(results) if k not in background])}
